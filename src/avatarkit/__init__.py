@@ -1,0 +1,112 @@
+"""avatarkit: one typed AvatarSession for real-time talking-avatar video.
+
+    kit = AvatarKit.from_config("avatarkit.toml")
+    async with kit, kit.session(avatar="amelia", purpose="support") as s:
+        await s.send_audio(AudioChunk.from_pcm16(pcm, sample_rate=24_000))
+        await s.end_utterance()
+"""
+
+from ._config import AvatarConfig, DisclosureConfig, KitConfig, SessionDefaults
+from .catalog import Avatar
+from .disclosure.metadata import DisclosureMetadata
+from .errors import (
+    AuthenticationError,
+    AvatarKitError,
+    BillingError,
+    BudgetExceeded,
+    CapabilityError,
+    ConfigError,
+    ConsentViolation,
+    ErrorCategory,
+    InvalidRequestError,
+    MediaFormatError,
+    NoRouteError,
+    NotFoundError,
+    PolicyViolation,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderTimeoutError,
+    RateLimitError,
+    ResidencyViolation,
+    ServerError,
+    SessionStateError,
+)
+from .events import (
+    Closed,
+    ConsentRevoked,
+    Interrupted,
+    ProviderSwitched,
+    SessionEvent,
+    SpeechEnded,
+    SpeechStarted,
+    UsageUpdated,
+    parse_event,
+)
+from .join import JoinInfo, JoinKind
+from .kit import AvatarKit
+from .media import SUPPORTED_SAMPLE_RATES, AudioChunk, AudioFormat, AudioResampler, VideoFrame
+from .providers.base import Capabilities, ProviderProfile
+from .routing.router import RouteCandidate, RouteDecision
+from .session import AvatarSession, SessionState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SUPPORTED_SAMPLE_RATES",
+    "AudioChunk",
+    "AudioFormat",
+    "AudioResampler",
+    "AuthenticationError",
+    "Avatar",
+    "AvatarConfig",
+    "AvatarKit",
+    "AvatarKitError",
+    "AvatarSession",
+    "BillingError",
+    "BudgetExceeded",
+    "Capabilities",
+    "CapabilityError",
+    "Closed",
+    "ConfigError",
+    "ConsentRevoked",
+    "ConsentViolation",
+    "DisclosureConfig",
+    "DisclosureMetadata",
+    "ErrorCategory",
+    "Interrupted",
+    "InvalidRequestError",
+    "JoinInfo",
+    "JoinKind",
+    "KitConfig",
+    "MediaFormatError",
+    "NoRouteError",
+    "NotFoundError",
+    "PolicyViolation",
+    "ProviderConnectionError",
+    "ProviderError",
+    "ProviderProfile",
+    "ProviderSwitched",
+    "ProviderTimeoutError",
+    "RateLimitError",
+    "ResidencyViolation",
+    "RouteCandidate",
+    "RouteDecision",
+    "ServerError",
+    "SessionDefaults",
+    "SessionEvent",
+    "SessionState",
+    "SessionStateError",
+    "SpeechEnded",
+    "SpeechStarted",
+    "UsageUpdated",
+    "VideoFrame",
+    "__version__",
+    "parse_event",
+]
+
+# Show the public path in reprs, tracebacks and docs (as httpx does).
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type) and _obj.__module__.startswith("avatarkit."):
+        _obj.__module__ = "avatarkit"
+del _name, _obj

@@ -1,0 +1,220 @@
+"""``KitConfig``: the kit's configuration, from a TOML file, the environment and code.
+
+Precedence, highest first: values passed in code, ``AVATARKIT_*`` environment variables
+(``AVATARKIT_PROVIDERS__TAVUS__API_KEY`` sets ``providers.tavus.api_key``), the TOML file.
+Any string value ``"env:NAME"`` is replaced by the environment variable ``NAME``, so secrets
+stay out of the file. Secrets are ``SecretStr``. Every validation problem raises
+:class:`~avatarkit.ConfigError` naming the field's dotted path and what was expected, never the
+value (it may be a secret).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from .disclosure.metadata import DEFAULT_NOTICE
+from .errors import ConfigError
+from .providers.base import ProviderSettings
+from .providers.registry import canonical_name, get_provider_class
+
+__all__ = ["AvatarConfig", "DisclosureConfig", "KitConfig", "SessionDefaults"]
+
+_toml_path: ContextVar[Path | None] = ContextVar("avatarkit_toml_path", default=None)
+
+
+class SessionDefaults(BaseModel):
+    """``[session]``: defaults for every session."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    interrupt_ack_timeout: float = Field(
+        default=2.0, gt=0, le=30, description="Seconds interrupt() waits for the vendor's ack."
+    )
+    max_duration_s: float = Field(
+        default=1800, gt=0, le=86_400, description="Hard cap passed to the vendor (leak guard)."
+    )
+    close_timeout: float = Field(
+        default=20.0, gt=0, description="Seconds aclose() spends ending the vendor session."
+    )
+
+
+class DisclosureConfig(BaseModel):
+    """``[disclosure]``: the text of the AI notice carried by every JoinInfo."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: str = Field(default="AI-generated", min_length=1)
+    notice: str = Field(default=DEFAULT_NOTICE, min_length=1)
+
+
+class AvatarConfig(BaseModel):
+    """``[avatars.NAME]``: a logical likeness and its id at each provider.
+
+    Keys other than the named fields are provider names mapped to the vendor-side id
+    (``tavus = "r79e1c033f"``).
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    display_name: str | None = None
+    consent_subject: str | None = None
+    local: str | None = None
+
+    @property
+    def provider_ids(self) -> dict[str, str]:
+        return {canonical_name(k): v for k, v in (self.model_extra or {}).items()}
+
+    @model_validator(mode="after")
+    def _ids_are_strings(self) -> AvatarConfig:
+        for key, value in (self.model_extra or {}).items():
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{key}: expected the provider's avatar id as a non-empty string")
+        return self
+
+
+class KitConfig(BaseSettings):
+    """The whole configuration. Build with ``KitConfig.from_toml(path)`` or keyword arguments."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AVATARKIT_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    providers: dict[str, ProviderSettings] = Field(
+        default_factory=dict, description="By canonical provider name, each validated by the "
+        "provider's own settings model.")
+    avatars: dict[str, AvatarConfig] = Field(default_factory=dict)
+    session: SessionDefaults = Field(default_factory=SessionDefaults)
+    disclosure: DisclosureConfig = Field(default_factory=DisclosureConfig)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise _config_error(exc) from None
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str], **overrides: Any) -> KitConfig:
+        """Load a TOML file (environment variables and ``overrides`` take precedence)."""
+        file = Path(path)
+        try:
+            with file.open("rb") as fh:
+                tomllib.load(fh)  # surface syntax errors with the file's name
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {file}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file} is not valid TOML: {exc}") from None
+        token = _toml_path.set(file)
+        try:
+            return cls(**overrides)
+        finally:
+            _toml_path.reset(token)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _toml_path.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_env_references(cls, data: Any) -> Any:
+        return _resolve_env(data, "") if isinstance(data, Mapping) else data
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _validate_providers(cls, raw: Any) -> Any:
+        if not isinstance(raw, Mapping):
+            return raw
+        settings: dict[str, ProviderSettings] = {}
+        for raw_name, section in raw.items():
+            name = canonical_name(str(raw_name))
+            if name in settings:
+                raise ConfigError(f"configured twice (as {name!r} and an alias)",
+                                  field=f"providers.{raw_name}")
+            model = get_provider_class(str(raw_name)).settings_model
+            if isinstance(section, model):
+                settings[name] = section
+                continue
+            try:
+                settings[name] = model.model_validate(section)
+            except ValidationError as exc:
+                raise _config_error(exc, prefix=f"providers.{raw_name}") from None
+        return settings
+
+    @model_validator(mode="after")
+    def _avatars_name_configured_providers(self) -> KitConfig:
+        for avatar_name, avatar in self.avatars.items():
+            for provider in avatar.provider_ids:
+                if provider not in self.providers:
+                    raise ConfigError(
+                        f"names provider {provider!r}, which is not configured under [providers]",
+                        field=f"avatars.{avatar_name}.{provider}",
+                    )
+        return self
+
+    def provider_settings(self) -> dict[str, ProviderSettings]:
+        """Each configured provider's validated settings, by canonical name, in file order."""
+        return dict(self.providers)
+
+
+def _resolve_env(value: Any, path: str) -> Any:
+    if isinstance(value, str) and value.startswith("env:"):
+        var = value[4:]
+        if not var:
+            raise ConfigError("'env:' needs a variable name, as in env:TAVUS_API_KEY", field=path)
+        if var not in os.environ:
+            raise ConfigError(f"environment variable {var} is not set", field=path)
+        return os.environ[var]
+    if isinstance(value, Mapping):
+        return {k: _resolve_env(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_env(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _config_error(exc: ValidationError, prefix: str = "") -> ConfigError:
+    """A ConfigError listing each problem as ``path: message`` (inputs left out: secrets)."""
+    problems: list[str] = []
+    first_field: str | None = None
+    for err in exc.errors(include_input=False, include_url=False):
+        ctx_error = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, ConfigError):
+            return ctx_error
+        loc = ".".join(str(p) for p in err["loc"])
+        field = ".".join(p for p in (prefix, loc) if p)
+        first_field = first_field or field
+        msg = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{field}: {msg}" if field else msg)
+    message = "; ".join(problems)
+    config_error = ConfigError(message)
+    config_error.field = first_field
+    return config_error

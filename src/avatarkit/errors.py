@@ -1,0 +1,238 @@
+"""The avatarkit exception tree.
+
+Every error the SDK raises derives from :class:`AvatarKitError`::
+
+    AvatarKitError
+    ├── ConfigError                 bad or missing configuration (names the field)
+    ├── MediaFormatError            audio/video input that cannot be used (names the field)
+    ├── SessionStateError           an operation not allowed in the session's current state
+    ├── CapabilityError             the chosen provider cannot do this (e.g. no in-process video)
+    ├── NoRouteError                no configured provider can serve the request (carries the
+    │                               RouteDecision that says why each was excluded)
+    ├── ProviderError               a vendor call failed (provider, status, request id, category)
+    │   ├── AuthenticationError     401/403: the key is wrong or lacks permission
+    │   ├── BillingError            402 / quota: out of credits, concurrency slots exhausted
+    │   ├── RateLimitError          429: carries ``retry_after`` (seconds) when the vendor says
+    │   ├── InvalidRequestError     other 4xx: the request itself is wrong
+    │   ├── NotFoundError           404: the avatar, session or resource does not exist
+    │   ├── ServerError             5xx: the vendor failed
+    │   ├── ProviderConnectionError the request never completed (DNS, refused, reset, dropped WS)
+    │   └── ProviderTimeoutError    the vendor did not answer in time
+    └── PolicyViolation             never retried, never failed over
+        ├── ConsentViolation        no valid consent for this likeness/purpose
+        ├── ResidencyViolation      the data may not go where the provider renders
+        └── BudgetExceeded          a minute or money cap would be crossed
+
+Split as httpx does: "the request never completed" (connection, timeout) versus "the vendor
+answered with an error" (status subclasses). ``ErrorCategory`` (after Pipecat's) tells the
+router whether a failure is worth trying elsewhere.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = [
+    "AuthenticationError",
+    "AvatarKitError",
+    "BillingError",
+    "BudgetExceeded",
+    "CapabilityError",
+    "ConfigError",
+    "ConsentViolation",
+    "ErrorCategory",
+    "InvalidRequestError",
+    "MediaFormatError",
+    "NoRouteError",
+    "NotFoundError",
+    "PolicyViolation",
+    "ProviderConnectionError",
+    "ProviderError",
+    "ProviderTimeoutError",
+    "RateLimitError",
+    "ResidencyViolation",
+    "ServerError",
+    "SessionStateError",
+]
+
+
+class ErrorCategory(StrEnum):
+    """Why something failed, in the terms routing and retry decisions need."""
+
+    AUTHENTICATION = "authentication"
+    AUTHORIZATION = "authorization"
+    INVALID_REQUEST = "invalid_request"
+    NOT_FOUND = "not_found"
+    RATE_LIMIT = "rate_limit"
+    QUOTA = "quota"
+    CONNECTIVITY = "connectivity"
+    TIMEOUT = "timeout"
+    SERVER = "server"
+    POLICY = "policy"
+
+    @property
+    def is_permanent(self) -> bool:
+        """True when trying again (here or with the same request) cannot help."""
+        return self in _PERMANENT
+
+
+_PERMANENT = frozenset(
+    {
+        ErrorCategory.AUTHENTICATION,
+        ErrorCategory.AUTHORIZATION,
+        ErrorCategory.INVALID_REQUEST,
+        ErrorCategory.NOT_FOUND,
+        ErrorCategory.QUOTA,
+        ErrorCategory.POLICY,
+    }
+)
+
+
+class AvatarKitError(Exception):
+    """Root of every error raised by avatarkit."""
+
+
+class ConfigError(AvatarKitError, ValueError):
+    """Configuration is missing or invalid. ``field`` is the dotted path of the culprit."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+class MediaFormatError(AvatarKitError, ValueError):
+    """Audio or video input that cannot be used as given.
+
+    ``field`` names what is wrong (``"data"``, ``"sample_rate"``, ``"samples"``...) and
+    ``expected`` says what would have been accepted.
+    """
+
+    def __init__(self, message: str, *, field: str, expected: str) -> None:
+        self.field = field
+        self.expected = expected
+        super().__init__(f"{field}: {message} (expected {expected})")
+
+
+class SessionStateError(AvatarKitError, RuntimeError):
+    """An operation that the session's current state does not allow."""
+
+
+class CapabilityError(AvatarKitError):
+    """The session's provider cannot do what was asked (say so, instead of silently not)."""
+
+
+class NoRouteError(AvatarKitError):
+    """No provider passed the route's constraints. ``decision`` explains each exclusion."""
+
+    def __init__(self, message: str, *, decision: object) -> None:
+        self.decision = decision
+        super().__init__(message)
+
+
+class ProviderError(AvatarKitError):
+    """A call to a rendering provider failed.
+
+    Attributes:
+        provider: the provider's registered name (``"tavus"``...).
+        status: the HTTP status, or ``None`` when no response came back.
+        request_id: the vendor's request id when it sent one.
+        category: why it failed (see :class:`ErrorCategory`).
+        retryable: whether retrying the same call may succeed.
+    """
+
+    default_category: ErrorCategory = ErrorCategory.SERVER
+    default_retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        status: int | None = None,
+        request_id: str | None = None,
+        category: ErrorCategory | None = None,
+        retryable: bool | None = None,
+    ) -> None:
+        self.provider = provider
+        self.status = status
+        self.request_id = request_id
+        self.category = category if category is not None else self.default_category
+        self.retryable = self.default_retryable if retryable is None else retryable
+        self.message = message
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        parts = [f"[{self.provider}]"]
+        if self.status is not None:
+            parts.append(str(self.status))
+        parts.append(self.message)
+        if self.request_id:
+            parts.append(f"(request id {self.request_id})")
+        return " ".join(parts)
+
+
+class AuthenticationError(ProviderError):
+    default_category = ErrorCategory.AUTHENTICATION
+
+
+class BillingError(ProviderError):
+    default_category = ErrorCategory.QUOTA
+
+
+class RateLimitError(ProviderError):
+    default_category = ErrorCategory.RATE_LIMIT
+    default_retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        status: int | None = 429,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, provider=provider, status=status, request_id=request_id)
+
+
+class InvalidRequestError(ProviderError):
+    default_category = ErrorCategory.INVALID_REQUEST
+
+
+class NotFoundError(ProviderError):
+    default_category = ErrorCategory.NOT_FOUND
+
+
+class ServerError(ProviderError):
+    default_category = ErrorCategory.SERVER
+    default_retryable = True
+
+
+class ProviderConnectionError(ProviderError):
+    default_category = ErrorCategory.CONNECTIVITY
+    default_retryable = True
+
+
+class ProviderTimeoutError(ProviderError):
+    default_category = ErrorCategory.TIMEOUT
+    default_retryable = True
+
+
+class PolicyViolation(AvatarKitError):
+    """A request that policy forbids. Never retried and never failed over to another provider."""
+
+    category = ErrorCategory.POLICY
+    retryable = False
+
+
+class ConsentViolation(PolicyViolation):
+    """No valid consent covers this likeness, purpose or provider."""
+
+
+class ResidencyViolation(PolicyViolation):
+    """The data may not leave the allowed regions, or the provider's region is unknown."""
+
+
+class BudgetExceeded(PolicyViolation):
+    """A configured minute or cost cap would be crossed."""

@@ -1,0 +1,129 @@
+"""Session events: one pydantic discriminated union, ``SessionEvent``, keyed by ``type``.
+
+Every event carries the avatarkit ``session_id`` and the time it happened (UTC). Serialise with
+``event.model_dump_json()``; parse any event back with ``parse_event(data)``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from .join import JoinInfo
+
+__all__ = [
+    "Closed",
+    "ConsentRevoked",
+    "Interrupted",
+    "ProviderSwitched",
+    "SessionEvent",
+    "SpeechEnded",
+    "SpeechStarted",
+    "UsageUpdated",
+    "parse_event",
+]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    session_id: str
+    at: datetime = Field(default_factory=_now)
+
+
+class SpeechStarted(_Event):
+    """The avatar started speaking an utterance (as reported by the renderer)."""
+
+    type: Literal["speech_started"] = "speech_started"
+    utterance_id: str
+    provider: str
+
+
+class SpeechEnded(_Event):
+    """The avatar stopped speaking an utterance: finished, or cut short by an interrupt."""
+
+    type: Literal["speech_ended"] = "speech_ended"
+    utterance_id: str
+    provider: str
+    duration: float | None = Field(default=None, description="Seconds spoken, when known.")
+    interrupted: bool = False
+
+
+class Interrupted(_Event):
+    """``interrupt()`` completed. ``acknowledged`` is False when the renderer never confirmed
+    within the ack timeout; ``playback_position`` is then our own estimate."""
+
+    type: Literal["interrupted"] = "interrupted"
+    utterance_id: str | None
+    playback_position: float
+    acknowledged: bool
+
+
+class ProviderSwitched(_Event):
+    """The session moved to another provider; viewers must use the new ``join``."""
+
+    type: Literal["provider_switched"] = "provider_switched"
+    from_provider: str
+    to_provider: str
+    reason: str
+    join: JoinInfo
+
+
+class UsageUpdated(_Event):
+    """Billed time so far. ``cost`` is ``None`` when the price is unknown (never 0 by default)."""
+
+    type: Literal["usage_updated"] = "usage_updated"
+    provider: str
+    billed_seconds: float
+    cost: Decimal | None = None
+    currency: str = "USD"
+
+
+class ConsentRevoked(_Event):
+    """The consent behind the session was revoked or suspended; the session is ending."""
+
+    type: Literal["consent_revoked"] = "consent_revoked"
+    consent_id: str
+    status: Literal["revoked", "suspended"]
+
+
+class Closed(_Event):
+    """The session is closed; the last event of every session.
+
+    ``vendor_ended`` is False only when the vendor session could not be confirmed ended.
+    """
+
+    type: Literal["closed"] = "closed"
+    reason: str
+    provider: str | None = None
+    billed_seconds: float | None = None
+    vendor_ended: bool = True
+    error: str | None = None
+
+
+SessionEvent = Annotated[
+    SpeechStarted
+    | SpeechEnded
+    | Interrupted
+    | ProviderSwitched
+    | UsageUpdated
+    | ConsentRevoked
+    | Closed,
+    Field(discriminator="type"),
+]
+
+_ADAPTER: TypeAdapter[SessionEvent] = TypeAdapter(SessionEvent)
+
+
+def parse_event(data: str | bytes | dict[str, Any]) -> SessionEvent:
+    """Parse an event from JSON text or a dict (the inverse of ``model_dump``)."""
+    if isinstance(data, dict):
+        return _ADAPTER.validate_python(data)
+    return _ADAPTER.validate_json(data)

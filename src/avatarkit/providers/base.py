@@ -1,0 +1,303 @@
+"""The provider contract: ``Provider`` starts vendor sessions, ``ProviderSession`` is one of them.
+
+An adapter receives audio already converted to the format its profile declares
+(``ProviderProfile.audio_format``); it moves it over the vendor's wire, turns the vendor's
+messages into ``ProviderSignal`` values, and ends the session at the vendor when asked.
+Everything else (state machine, resampling, interrupt timeouts, events, metering) lives in
+``AvatarSession`` so every adapter behaves alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from decimal import Decimal
+from types import TracebackType
+from typing import ClassVar, Self
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from ..disclosure.metadata import DisclosureMetadata
+from ..errors import CapabilityError, ProviderError
+from ..join import JoinInfo, JoinKind
+from ..media import AudioChunk, AudioFormat, VideoFrame
+from ._http import RetryPolicy
+
+__all__ = [
+    "Capabilities",
+    "PlaybackFinished",
+    "PlaybackStarted",
+    "Provider",
+    "ProviderProfile",
+    "ProviderSession",
+    "ProviderSettings",
+    "ProviderSignal",
+    "SessionRequest",
+    "VendorSessionEnded",
+]
+
+
+class ProviderSettings(BaseModel):
+    """Settings every provider accepts (``[providers.NAME]`` in the config file).
+
+    Vendor adapters subclass this with their own fields. Unknown keys are errors, so a typo
+    is reported with its field path instead of being ignored.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    api_key: SecretStr | None = None
+    base_url: str | None = None
+    price_per_minute: Decimal | None = Field(
+        default=None, ge=0, description="Your negotiated price; unknown stays unknown (None)."
+    )
+    currency: str = "USD"
+    regions: frozenset[str] | None = Field(
+        default=None, description="Where the vendor renders; None means unknown, never anywhere."
+    )
+    first_frame_latency_ms: float | None = Field(default=None, gt=0)
+    timeout: float = Field(default=15.0, gt=0, description="Per HTTP request, seconds.")
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+
+
+class Capabilities(BaseModel):
+    """What a provider can do; routing filters on these."""
+
+    model_config = ConfigDict(frozen=True)
+
+    audio_input: bool = True
+    text_input: bool = False
+    interrupt: bool = True
+    playback_events: bool = Field(
+        default=True, description="The vendor reports when speech starts and ends."
+    )
+    frames_in_process: bool = Field(
+        default=False, description="Video frames reach this process (AvatarSession.video())."
+    )
+    join_kinds: frozenset[JoinKind] = frozenset()
+
+
+class ProviderProfile(BaseModel):
+    """A provider's facts as routing sees them.
+
+    ``price_per_minute`` and ``regions`` are ``None`` when unknown: a constraint on an unknown
+    value fails closed; they never read as 0 or "anywhere".
+    """
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    name: str
+    capabilities: Capabilities
+    audio_format: AudioFormat
+    price_per_minute: Decimal | None = None
+    currency: str = "USD"
+    regions: frozenset[str] | None = None
+    self_hosted: bool = False
+    first_frame_latency_ms: float | None = Field(
+        default=None, description="Declared (not observed) time to first frame."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRequest:
+    """What AvatarSession asks a provider to start."""
+
+    session_id: str
+    avatar: str
+    avatar_id: str
+    idempotency_key: str
+    disclosure: DisclosureMetadata
+    purpose: str | None = None
+    max_duration_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PlaybackStarted:
+    """The renderer started speaking ``utterance_id``."""
+
+    utterance_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlaybackFinished:
+    """The renderer stopped speaking ``utterance_id``.
+
+    ``interrupted`` is True when it stopped because of an interrupt (this is the interrupt's
+    acknowledgement); ``duration`` is the seconds spoken, when the vendor said.
+    """
+
+    utterance_id: str | None
+    duration: float | None
+    interrupted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class VendorSessionEnded:
+    """The vendor ended the session or the channel to it died.
+
+    ``billing_stopped`` tells whether the vendor stopped billing (a vendor-side end) or the
+    session may still be open and billed there (a dropped channel).
+    """
+
+    reason: str
+    billing_stopped: bool
+    error: ProviderError | None = None
+
+
+ProviderSignal = PlaybackStarted | PlaybackFinished | VendorSessionEnded
+
+
+class ProviderSession(ABC):
+    """One live session at a vendor.
+
+    Adapters implement the four ``_``-free abstract methods plus ``_end_at_vendor``; they call
+    ``_emit`` for every vendor event worth reporting and ``_vendor_stopped_billing`` when the
+    vendor says it ended the session on its own.
+    """
+
+    def __init__(self, *, provider: str, vendor_session_id: str, join: JoinInfo) -> None:
+        self.provider = provider
+        self.vendor_session_id = vendor_session_id
+        self.join = join
+        #: monotonic time the vendor started billing (session create, not viewer join)
+        self.billing_started_at = time.monotonic()
+        #: monotonic time billing stopped (vendor-side end or our confirmed end)
+        self.billing_ended_at: float | None = None
+        self._signals: asyncio.Queue[ProviderSignal | None] = asyncio.Queue()
+        self._end_lock = asyncio.Lock()
+        self._ended = False
+
+    # -- what adapters implement ----------------------------------------------------------
+
+    @abstractmethod
+    async def send_audio(self, chunk: AudioChunk, *, utterance_id: str) -> None:
+        """Send audio of utterance ``utterance_id`` (already in the profile's format)."""
+
+    @abstractmethod
+    async def end_utterance(self, *, utterance_id: str) -> None:
+        """Mark the end of utterance ``utterance_id`` (flush what is buffered)."""
+
+    @abstractmethod
+    async def interrupt(self) -> None:
+        """Ask the vendor to stop speaking now and drop what it has queued.
+
+        Returns once the request is sent; the acknowledgement arrives as a
+        ``PlaybackFinished(interrupted=True)`` signal (or never, with a mute vendor).
+        """
+
+    @abstractmethod
+    async def _end_at_vendor(self) -> None:
+        """End the session at the vendor and close channels. Raise ``ProviderError`` when the
+        vendor could not confirm; ``end()`` is called again to retry."""
+
+    def video_frames(self) -> AsyncIterator[VideoFrame]:
+        """Video frames, for providers whose frames reach this process."""
+        raise CapabilityError(
+            f"{self.provider} does not deliver video frames to this process; "
+            f"viewers join through {self.join.kind!r}"
+        )
+
+    # -- shared behaviour -----------------------------------------------------------------
+
+    @property
+    def ended(self) -> bool:
+        """True once the vendor confirmed the end."""
+        return self._ended
+
+    @property
+    def billed_seconds(self) -> float:
+        """Seconds the vendor bills for: from create until its end (or now, if still open)."""
+        end = self.billing_ended_at if self.billing_ended_at is not None else time.monotonic()
+        return max(0.0, end - self.billing_started_at)
+
+    async def end(self) -> None:
+        """End the session at the vendor. Idempotent; after a failure, calling again retries."""
+        async with self._end_lock:
+            if self._ended:
+                return
+            await self._end_at_vendor()
+            self._ended = True
+            if self.billing_ended_at is None:
+                self.billing_ended_at = time.monotonic()
+            self._signals.put_nowait(None)
+
+    async def signals(self) -> AsyncIterator[ProviderSignal]:
+        """The vendor's events, normalised, until the session is ended."""
+        while (signal := await self._signals.get()) is not None:
+            yield signal
+
+    def _emit(self, signal: ProviderSignal) -> None:
+        self._signals.put_nowait(signal)
+
+    def _vendor_stopped_billing(self) -> None:
+        if self.billing_ended_at is None:
+            self.billing_ended_at = time.monotonic()
+
+
+class Provider(ABC):
+    """A rendering provider: holds its settings and starts sessions.
+
+    Subclasses set ``name`` (the registry key), optionally ``aliases`` and ``settings_model``.
+    """
+
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    settings_model: ClassVar[type[ProviderSettings]] = ProviderSettings
+
+    def __init__(self, settings: ProviderSettings, *, http: httpx.AsyncClient) -> None:
+        self.settings = settings
+        self._http_client = http
+
+    @property
+    @abstractmethod
+    def profile(self) -> ProviderProfile:
+        """The provider's capabilities, price, regions and audio format."""
+
+    @abstractmethod
+    async def start(self, request: SessionRequest) -> ProviderSession:
+        """Start a vendor session. On any failure after the vendor created something, the
+        adapter ends it before raising: no half-created sessions."""
+
+    def _build_profile(
+        self,
+        *,
+        capabilities: Capabilities,
+        audio_format: AudioFormat,
+        regions: frozenset[str] | None = None,
+        first_frame_latency_ms: float | None = None,
+        self_hosted: bool = False,
+    ) -> ProviderProfile:
+        """Profile from the adapter's facts, with the operator's settings taking precedence."""
+        s = self.settings
+        return ProviderProfile(
+            name=self.name,
+            capabilities=capabilities,
+            audio_format=audio_format,
+            price_per_minute=s.price_per_minute,
+            currency=s.currency,
+            regions=s.regions if s.regions is not None else regions,
+            self_hosted=self_hosted,
+            first_frame_latency_ms=s.first_frame_latency_ms or first_frame_latency_ms,
+        )
+
+    async def aclose(self) -> None:  # noqa: B027  (optional hook, not abstract)
+        """Release what the provider holds (not the kit's shared HTTP client)."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
