@@ -1,0 +1,86 @@
+"""Offline vendor emulators ("contract fakes") for tests and for ``avatarkit emulate``.
+
+Each emulator is a stateful local HTTP + WebSocket server that speaks one vendor's wire contract,
+meters what the vendor would bill, records what it was sent, and accepts injected faults through
+Python (``emu.faults``) or its ``/_emulator/*`` control API::
+
+    async with TavusEmulator(faces=["f1"], pals={"p1": "f1"}) as emu:
+        ...  # point the SDK at emu.url with api key "test-key"
+
+Needs the ``emulators`` extra (aiohttp).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from contextlib import AsyncExitStack
+from typing import Protocol
+
+from ._base import EmulatorFaults, EmulatorServer, RequestRecord
+from .tavus import TavusConversation, TavusEmulator, TavusPal
+
+__all__ = [
+    "EMULATORS",
+    "EmulatorFactory",
+    "EmulatorFaults",
+    "EmulatorServer",
+    "RequestRecord",
+    "TavusConversation",
+    "TavusEmulator",
+    "TavusPal",
+    "run_emulators",
+]
+
+
+class EmulatorFactory(Protocol):
+    """Builds one emulator for ``run_emulators``."""
+
+    def __call__(self, *, api_key: str, host: str, port: int) -> EmulatorServer: ...
+
+
+def _tavus_for_cli(*, api_key: str, host: str, port: int) -> EmulatorServer:
+    # Command-line users cannot pre-register faces, so any face id exists.
+    return TavusEmulator(api_keys=[api_key], host=host, port=port, accept_any_face=True)
+
+
+#: Emulators ``run_emulators`` can start, by vendor name.
+EMULATORS: dict[str, EmulatorFactory] = {"tavus": _tavus_for_cli}
+
+
+def run_emulators(
+    names: list[str], *, host: str = "127.0.0.1", port: int = 0, api_key: str
+) -> None:
+    """Serve the named emulators until SIGINT/SIGTERM, then close them cleanly (blocking).
+
+    Prints one line per emulator (``tavus  http://127.0.0.1:PORT  (api key: ...)``). With a
+    fixed ``port``, the n-th emulator listens on ``port + n``; ``port=0`` picks free ports.
+    """
+    valid = ", ".join(sorted(EMULATORS))
+    if not names:
+        raise ValueError(f"name at least one emulator; valid names: {valid}")
+    if unknown := [name for name in names if name not in EMULATORS]:
+        raise ValueError(f"unknown emulator(s) {unknown}; valid names: {valid}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"each emulator may be named once, got {names}")
+    asyncio.run(_serve(names, host=host, port=port, api_key=api_key))
+
+
+async def _serve(names: list[str], *, host: str, port: int, api_key: str) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with AsyncExitStack() as stack:
+            for offset, name in enumerate(names):
+                emulator = EMULATORS[name](
+                    api_key=api_key, host=host, port=port + offset if port else 0
+                )
+                await stack.enter_async_context(emulator)
+                print(f"{name}  {emulator.url}  (api key: {api_key})", flush=True)
+            await stop.wait()
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
