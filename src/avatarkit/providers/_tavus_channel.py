@@ -166,7 +166,8 @@ class DailyChannel(AppMessageChannel):
 
         class _Handler(daily.EventHandler):
             def on_app_message(self, message: Any, sender: str) -> None:
-                channel._from_thread(message)
+                if message is not None:  # a null payload is not "left"
+                    channel._from_thread(message)
 
             def on_call_state_updated(self, state: str) -> None:
                 if state == "left":
@@ -183,10 +184,13 @@ class DailyChannel(AppMessageChannel):
         if isinstance(item, str):
             with contextlib.suppress(ValueError):
                 item = json.loads(item)
+            if item is None:  # JSON text "null" is a payload, not "left"
+                return
         if item is not None and not isinstance(item, dict | BaseException):
             return
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            with contextlib.suppress(RuntimeError):  # the loop closed since the check
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     def _completion(self) -> tuple[asyncio.Future[Any], Callable[..., None]]:
         loop = asyncio.get_running_loop()
@@ -204,7 +208,8 @@ class DailyChannel(AppMessageChannel):
                 else:
                     future.set_result(args[0] if len(args) > 1 else None)
 
-            loop.call_soon_threadsafe(settle)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(settle)
 
         return future, done
 
@@ -222,7 +227,7 @@ class DailyChannel(AppMessageChannel):
             await self.aclose()
             raise ProviderConnectionError("timed out joining the Daily room",
                                           provider=PROVIDER) from None
-        except ProviderConnectionError:
+        except BaseException:  # ProviderConnectionError, or cancelled: leave and release
             await self.aclose()
             raise
 
