@@ -101,7 +101,7 @@ def test_avatar_naming_unconfigured_provider() -> None:
 
 
 def test_avatar_id_must_be_a_string() -> None:
-    with pytest.raises(ConfigError, match="avatars.amelia"):
+    with pytest.raises(ConfigError, match=r"avatars\.amelia"):
         KitConfig(providers={"tavus": {"api_key": "k", "channel": "websocket"}},
                   avatars={"amelia": {"tavus": 5}})
 

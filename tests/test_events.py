@@ -14,6 +14,7 @@ from avatarkit import (
     Interrupted,
     JoinInfo,
     ProviderSwitched,
+    SessionEvent,
     SpeechEnded,
     SpeechStarted,
     UsageUpdated,
@@ -38,9 +39,9 @@ EVENTS = [
 
 
 @pytest.mark.parametrize("event", EVENTS, ids=lambda e: e.type)
-def test_roundtrip_through_json(event: object) -> None:
+def test_roundtrip_through_json(event: SessionEvent) -> None:
     assert hasattr(event, "model_dump_json")
-    parsed = parse_event(event.model_dump_json())  # type: ignore[attr-defined]
+    parsed = parse_event(event.model_dump_json())
     assert type(parsed) is type(event)
     if not isinstance(event, ProviderSwitched):  # secrets do not survive a dump, by design
         assert parsed == event
@@ -68,4 +69,4 @@ def test_disclosure_marks_ai_generated() -> None:
     assert DISCLOSURE.ai_generated is True
     assert "AI" in DISCLOSURE.notice and DISCLOSURE.regulation.startswith("EU AI Act")
     with pytest.raises(ValidationError):
-        DisclosureMetadata(ai_generated=False, generation_id="g", provider="p", avatar="a")  # type: ignore[arg-type]
+        DisclosureMetadata(ai_generated=False, generation_id="g", provider="p", avatar="a")

@@ -72,7 +72,7 @@ def test_wrong_dtype_for_pcm_constructor(dtype: type) -> None:
 
 def test_from_float_rejects_int_arrays_and_lists() -> None:
     with pytest.raises(MediaFormatError, match="float"):
-        AudioChunk.from_float(np.zeros(10, dtype=np.int16), sample_rate=16_000)  # type: ignore[arg-type]
+        AudioChunk.from_float(np.zeros(10, dtype=np.int16), sample_rate=16_000)
     with pytest.raises(MediaFormatError, match="float"):
         AudioChunk.from_float([0.0, 0.1], sample_rate=16_000)  # type: ignore[arg-type]
 
@@ -203,7 +203,7 @@ def test_video_frame_validation() -> None:
     frame = VideoFrame(np.zeros((4, 6, 3), dtype=np.uint8), timestamp=0.04)
     assert (frame.width, frame.height) == (6, 4)
     with pytest.raises(MediaFormatError, match="uint8"):
-        VideoFrame(np.zeros((4, 6, 3), dtype=np.float32), timestamp=0.0)  # type: ignore[arg-type]
+        VideoFrame(np.zeros((4, 6, 3), dtype=np.float32), timestamp=0.0)
     with pytest.raises(MediaFormatError, match="RGB"):
         VideoFrame(np.zeros((4, 6, 4), dtype=np.uint8), timestamp=0.0)
     with pytest.raises(MediaFormatError, match="timestamp"):

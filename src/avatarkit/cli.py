@@ -1,0 +1,87 @@
+"""The ``avatarkit`` command.
+
+    avatarkit demo                     a scripted session against the offline Tavus emulator
+    avatarkit emulate [VENDOR ...]     serve offline vendor emulators (default: all)
+    avatarkit route --config F --avatar A [--purpose P] [--policy X] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from .errors import AvatarKitError
+
+__all__ = ["main"]
+
+EMULATORS = ("tavus",)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avatarkit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="run a scripted session against the Tavus emulator")
+    demo.add_argument("--json", action="store_true", help="print events as JSON lines")
+
+    emulate = sub.add_parser("emulate", help="serve offline vendor API emulators")
+    emulate.add_argument("vendors", nargs="*", metavar="VENDOR",
+                         help=f"which ones (default: all of {', '.join(EMULATORS)})")
+    emulate.add_argument("--host", default="127.0.0.1")
+    emulate.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    emulate.add_argument("--api-key", default="test-key",
+                         help="the key the emulators accept (default: test-key)")
+
+    route = sub.add_parser("route", help="show which provider a session would use, and why")
+    route.add_argument("--config", required=True, help="the TOML config file")
+    route.add_argument("--avatar", required=True)
+    route.add_argument("--purpose")
+    route.add_argument("--policy")
+    route.add_argument("--json", action="store_true", help="print the decision as JSON")
+    return parser
+
+
+def _route(args: argparse.Namespace) -> int:
+    from .kit import AvatarKit
+
+    kit = AvatarKit.from_config(args.config)  # a dry run: nothing is started
+    try:
+        decision = kit.route(args.avatar, purpose=args.purpose, policy=args.policy)
+    finally:
+        asyncio.run(kit.aclose())
+    print(decision.model_dump_json(indent=2) if args.json else decision.explain())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from ._demo import run_demo
+
+            return asyncio.run(run_demo(json_lines=args.json))
+        if args.command == "emulate":
+            from .emulators import run_emulators
+
+            try:
+                run_emulators(list(args.vendors) or list(EMULATORS), host=args.host,
+                              port=args.port, api_key=args.api_key)
+            except ValueError as exc:  # unknown vendor name
+                print(f"avatarkit: error: {exc}", file=sys.stderr)
+                return 2
+            return 0
+        if args.command == "route":
+            return _route(args)
+    except AvatarKitError as exc:
+        print(f"avatarkit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""The ``avatarkit`` command and the runnable example, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def avatarkit(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "avatarkit.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture
+def emulate() -> Iterator[str]:
+    proc = subprocess.Popen([sys.executable, "-m", "avatarkit.cli", "emulate", "tavus",
+                             "--api-key", "cli-key"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = re.search(r"tavus\s+(http://127\.0\.0\.1:\d+)", line)
+    try:
+        assert match, f"unexpected first line: {line!r}"
+        yield match.group(1)
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0  # SIGTERM is a clean shutdown
+        proc.stdout.close()
+
+
+def test_emulate_tavus_serves_and_checks_the_key(emulate: str) -> None:
+    with httpx.Client(base_url=emulate) as client:
+        assert client.post("/v2/conversations", json={}).status_code == 401
+        bad = client.post("/v2/conversations", json={"face_id": "r1"},
+                          headers={"x-api-key": "cli-key"})
+        assert bad.status_code == 400 and "pal" in bad.text.lower()
+        state = client.get("/_emulator/state").json()
+        assert state["open_sessions"] == 0
+
+
+def test_emulate_rejects_unknown_vendor() -> None:
+    result = avatarkit("emulate", "hedra")
+    assert result.returncode == 2
+    assert "hedra" in result.stderr and "tavus" in result.stderr
+
+
+def test_route_dry_run(tmp_path: Path) -> None:
+    config = tmp_path / "avatarkit.toml"
+    config.write_text('[providers.tavus]\napi_key = "k"\nchannel = "websocket"\n'
+                      '[avatars.amelia]\ntavus = "r_amelia"\n[avatars.bob]\n')
+    text = avatarkit("route", "--config", str(config), "--avatar", "amelia", "--purpose", "p")
+    assert text.returncode == 0, text.stderr
+    assert "-> tavus: eligible, rank 1" in text.stdout
+    decision = json.loads(avatarkit("route", "--config", str(config), "--avatar", "amelia",
+                                    "--json").stdout)
+    assert decision["chosen"] == "tavus"
+    nowhere = avatarkit("route", "--config", str(config), "--avatar", "bob")
+    assert nowhere.returncode == 2
+    assert "excluded by avatar_present" in nowhere.stderr
+    policy = avatarkit("route", "--config", str(config), "--avatar", "amelia",
+                       "--policy", "eu-strict")
+    assert policy.returncode == 2 and "unknown policy" in policy.stderr
+
+
+def test_demo_runs_end_to_end() -> None:
+    result = avatarkit("demo")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for expected in ("-> tavus", "speech_started", "speech_ended", "interrupted",
+                     "closed", "billed", "0 open sessions"):
+        assert expected in out, expected
+    billed = re.search(r"billed\s+([\d.]+) s", out)
+    assert billed and float(billed.group(1)) > 1.0
+
+
+def test_quickstart_example_runs() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "speech_ended" in result.stdout
+    assert "emulator open sessions: 0" in result.stdout
