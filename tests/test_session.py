@@ -301,6 +301,8 @@ async def test_unconfirmed_end_is_reported_and_retried_by_the_next_aclose(
     await s.start()
     with pytest.raises(ServerError):
         await s.aclose()
+    ends = [r for r in tavus_emulator.requests if r.path.endswith("/end")]
+    assert len(ends) == 2  # one attempt + one HTTP retry; not repeated within the same aclose
     assert s.state is SessionState.CLOSED
     closed = [e async for e in s.events()][-1]
     assert isinstance(closed, Closed) and not closed.vendor_ended

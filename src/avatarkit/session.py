@@ -132,6 +132,7 @@ class AvatarSession:
         self._start_finished = asyncio.Event()
         self._close_task: asyncio.Task[None] | None = None
         self._vendor_failure: VendorSessionEnded | None = None
+        self._end_failure: BaseException | None = None  # last failed attempt to end
 
         self._sending: _Utterance | None = None  # utterance currently being sent
         self._unfinished: dict[str, _Utterance] = {}  # sent, not yet reported finished
@@ -242,6 +243,9 @@ class AvatarSession:
         await self._close(reason=reason, raise_vendor_error=exc is None)
 
     async def _close(self, *, reason: str, raise_vendor_error: bool) -> None:
+        # A close that already finished without confirming the vendor end is retried here;
+        # a close in progress (or started now) reports its own attempt's outcome.
+        retry = self._close_task is not None and self._close_task.done()
         if self._close_task is None:
             self._close_task = asyncio.create_task(
                 self._do_close(reason), name=f"{self.session_id}-close"
@@ -249,16 +253,27 @@ class AvatarSession:
         # Shielded: cancelling the caller must not abandon a half-done vendor end.
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(self._close_task)
-        if self._vendor is not None and not self._vendor.ended:
-            # The first attempt could not confirm the end at the vendor: each call retries.
-            try:
-                async with asyncio.timeout(self._close_timeout):
-                    await self._vendor.end()
-            except (ProviderError, TimeoutError) as exc:
-                if raise_vendor_error:
-                    raise _end_error(self._vendor, exc) from exc
-                logger.error("session %s: vendor session %s may still be open: %s",
-                             self.session_id, self._vendor.vendor_session_id, exc)
+        if self._vendor is None or self._vendor.ended:
+            return
+        error = await self._end_vendor() if retry else self._end_failure
+        if error is None:
+            return
+        if raise_vendor_error:
+            raise _end_error(self._vendor, error) from error
+        logger.error("session %s: vendor session %s may still be open: %s",
+                     self.session_id, self._vendor.vendor_session_id, error)
+
+    async def _end_vendor(self) -> BaseException | None:
+        """End the vendor session within the close timeout; the failure, or None."""
+        assert self._vendor is not None
+        try:
+            async with asyncio.timeout(self._close_timeout):
+                await self._vendor.end()
+        except (ProviderError, TimeoutError) as exc:
+            logger.warning("session %s: ending %s session %s failed: %s", self.session_id,
+                           self._vendor.provider, self._vendor.vendor_session_id, exc)
+            return exc
+        return None
 
     async def _do_close(self, reason: str) -> None:
         if self._state is SessionState.CLOSED:
@@ -275,18 +290,11 @@ class AvatarSession:
                 await pump
         if self._ack is not None and not self._ack.done():
             self._ack.cancel()
-        end_error: BaseException | None = None
         if self._vendor is not None:
-            try:
-                async with asyncio.timeout(self._close_timeout):
-                    await self._vendor.end()
-            except (ProviderError, TimeoutError) as exc:
-                end_error = exc
-                logger.warning("session %s: ending %s session %s failed: %s", self.session_id,
-                               self._vendor.provider, self._vendor.vendor_session_id, exc)
+            self._end_failure = await self._end_vendor()
         if self._vendor_failure is not None and reason == "closed":
             reason = f"vendor: {self._vendor_failure.reason}"
-        self._finish_close(reason=reason, error=end_error)
+        self._finish_close(reason=reason, error=self._end_failure)
 
     def _finish_close(self, *, reason: str, error: BaseException | None) -> None:
         vendor = self._vendor
