@@ -331,29 +331,25 @@ def _safe_url(url: httpx.URL) -> str:
     return f"{url.scheme}://{url.host}{port}{url.path}"
 
 
+# Most specific first: the timeouts are TimeoutException subclasses.
+_TRANSPORT_ERROR_TEXT: tuple[tuple[type[httpx.TransportError], str], ...] = (
+    (httpx.ConnectTimeout, "connect timeout to {host}"),
+    (httpx.ReadTimeout, "read timeout from {host}"),
+    (httpx.WriteTimeout, "write timeout to {host}"),
+    (httpx.PoolTimeout, "timed out waiting for a free connection to {host}"),
+    (httpx.TimeoutException, "timeout talking to {host}"),
+    (httpx.ConnectError, "could not connect to {host}"),
+    (httpx.ReadError, "connection to {host} broke while reading the response"),
+    (httpx.WriteError, "connection to {host} broke while sending the request"),
+    (httpx.RemoteProtocolError, "protocol error from {host}"),
+    (httpx.ProxyError, "proxy error reaching {host}"),
+)
+
+
 def _describe_transport_error(exc: httpx.TransportError, host: str) -> str:
-    if isinstance(exc, httpx.ConnectTimeout):
-        what = f"connect timeout to {host}"
-    elif isinstance(exc, httpx.ReadTimeout):
-        what = f"read timeout from {host}"
-    elif isinstance(exc, httpx.WriteTimeout):
-        what = f"write timeout to {host}"
-    elif isinstance(exc, httpx.PoolTimeout):
-        what = f"timed out waiting for a free connection to {host}"
-    elif isinstance(exc, httpx.TimeoutException):
-        what = f"timeout talking to {host}"
-    elif isinstance(exc, httpx.ConnectError):
-        what = f"could not connect to {host}"
-    elif isinstance(exc, httpx.ReadError):
-        what = f"connection to {host} broke while reading the response"
-    elif isinstance(exc, httpx.WriteError):
-        what = f"connection to {host} broke while sending the request"
-    elif isinstance(exc, httpx.RemoteProtocolError):
-        what = f"protocol error from {host}"
-    elif isinstance(exc, httpx.ProxyError):
-        what = f"proxy error reaching {host}"
-    else:
-        what = f"{type(exc).__name__} talking to {host}"
+    template = next((text for kind, text in _TRANSPORT_ERROR_TEXT if isinstance(exc, kind)),
+                    f"{type(exc).__name__} talking to {{host}}")
+    what = template.format(host=host)
     detail = " ".join(str(exc).split())
     return f"{what}: {detail}" if detail else what
 
