@@ -129,7 +129,9 @@ def write_report(results: dict[str, dict[str, float]], resample: dict[str, float
         "| --- | --- | --- | --- | --- | --- | --- |\n"
         + "".join(row(label, r) for label, r in results.items())
         + f"\nThe streaming resampler alone (48 -> 24 kHz, 20 ms): p50 {resample['p50']:.1f} us, "
-        f"p99 {resample['p99']:.1f} us.\n"
+        f"p99 {resample['p99']:.1f} us. Every fifth chunk completes a 100 ms Tavus "
+        "message; its JSON is built from a per-utterance template with the base64 audio "
+        "spliced in (a plain `json.dumps` of the message cost ~22 us more per send).\n"
     )
     pattern = re.compile(r"## send_audio:.*?(?=\n## |\Z)", re.S)
     text = pattern.sub(section.rstrip("\n"), text) if pattern.search(text) else \

@@ -43,6 +43,12 @@ class AppMessageChannel(ABC):
     async def send(self, message: Mapping[str, Any]) -> None:
         """Send one message. Raises ``ProviderConnectionError`` when the channel is gone."""
 
+    async def send_encoded(self, message: bytes) -> None:
+        """Send one message that is already UTF-8 JSON (the audio hot path builds echo
+        messages from a template). Channels that carry text send it as it is; the default
+        decodes it and goes through :meth:`send`."""
+        await self.send(json.loads(message))
+
     @abstractmethod
     def messages(self) -> AsyncIterator[dict[str, Any]]:
         """Messages from the conversation until the channel closes. An orderly close ends the
@@ -88,11 +94,17 @@ class WebSocketChannel(AppMessageChannel):
                 provider=PROVIDER) from None
 
     async def send(self, message: Mapping[str, Any]) -> None:
+        await self._send_text(json.dumps(message, separators=(",", ":")).encode())
+
+    async def send_encoded(self, message: bytes) -> None:
+        await self._send_text(message)
+
+    async def _send_text(self, data: bytes) -> None:
         if self._ws is None:
             raise ProviderConnectionError("app-message channel is not connected",
                                           provider=PROVIDER)
         try:
-            await self._ws.send(json.dumps(message, separators=(",", ":")))
+            await self._ws.send(data, text=True)
         except ConnectionClosed as exc:
             raise ProviderConnectionError(
                 f"app-message channel closed (code {exc.rcvd.code if exc.rcvd else 'none'})",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 from typing import Any, Literal
 
@@ -216,21 +217,25 @@ class TavusSession(ProviderSession):
         self._buffer = bytearray()
         self._interrupting = False
         self._closing = False
+        self._echo_prefix = (
+            '{"message_type":"conversation","event_type":"conversation.echo",'
+            f'"conversation_id":{json.dumps(conversation_id)},'
+            '"properties":{"modality":"audio","audio":"').encode()
+        self._echo_suffix: dict[tuple[str, bool], bytes] = {}
         self._reader = asyncio.create_task(self._read(), name=f"tavus-{conversation_id}-reader")
 
-    def _echo(self, audio: bytes, utterance_id: str, done: bool) -> dict[str, Any]:
-        return {
-            "message_type": "conversation",
-            "event_type": "conversation.echo",
-            "conversation_id": self.vendor_session_id,
-            "properties": {
-                "modality": "audio",
-                "audio": base64.b64encode(audio).decode("ascii"),
-                "inference_id": utterance_id,
-                "sample_rate": SAMPLE_RATE,
-                "done": done,
-            },
-        }
+    def _echo(self, audio: bytes, utterance_id: str, done: bool) -> bytes:
+        """The ``conversation.echo`` message as UTF-8 JSON. Everything but the audio is
+        encoded once per utterance; base64 needs no JSON escaping, so it is spliced in."""
+        key = (utterance_id, done)
+        suffix = self._echo_suffix.get(key)
+        if suffix is None:
+            if len(self._echo_suffix) > 64:
+                self._echo_suffix.clear()
+            suffix = self._echo_suffix[key] = (
+                f'","inference_id":{json.dumps(utterance_id)},"sample_rate":{SAMPLE_RATE},'
+                f'"done":{json.dumps(done)}}}}}'.encode())
+        return b"".join((self._echo_prefix, base64.b64encode(audio), suffix))
 
     async def send_audio(self, chunk: AudioChunk, *, utterance_id: str) -> None:
         self._buffer += chunk.to_pcm16()
@@ -240,14 +245,14 @@ class TavusSession(ProviderSession):
         while len(self._buffer) > size:
             piece = bytes(self._buffer[:size])
             del self._buffer[:size]
-            await self._channel.send(self._echo(piece, utterance_id, done=False))
+            await self._channel.send_encoded(self._echo(piece, utterance_id, done=False))
 
     async def end_utterance(self, *, utterance_id: str) -> None:
         # Tavus needs a final message with done=true; for an utterance with no audio at all,
         # that message carries 40 ms of silence (as Pipecat does).
         rest = bytes(self._buffer) or bytes(40 * _BYTES_PER_MS)
         self._buffer.clear()
-        await self._channel.send(self._echo(rest, utterance_id, done=True))
+        await self._channel.send_encoded(self._echo(rest, utterance_id, done=True))
 
     async def interrupt(self) -> None:
         self._buffer.clear()
