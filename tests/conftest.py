@@ -1,18 +1,28 @@
-"""Shared fixtures: a Tavus emulator on a free loopback port, and kits configured for it.
+"""Shared fixtures: a Tavus emulator on a free loopback port, a consent registry, and kits
+configured for both.
 
 Every test that uses the emulator fails if it leaves a vendor session open (billing leak).
+``CONSENT`` is a valid token for avatar "amelia" (and "bob"), purpose "support", from the
+test registry ``ISSUER``; kits from ``make_kit`` trust that registry and read its status list
+from the test's ``consent_authority``.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 import pytest
 
 from avatarkit import AudioChunk, AvatarKit, AvatarSession, KitConfig, SessionEvent
+from avatarkit.consent.authority import ConsentAuthority
+from avatarkit.consent.grant import ConsentGrant
+from avatarkit.consent.keys import IssuerKey
+from avatarkit.consent.store import SQLiteConsentStore
+from avatarkit.consent.tokens import issue_consent_token
 from avatarkit.emulators import TavusEmulator
 
 API_KEY = "tvs-test-key-7d1c9e"
@@ -33,13 +43,63 @@ async def tavus_emulator() -> AsyncIterator[TavusEmulator]:
 
 KitFactory = Callable[..., AvatarKit]
 
+ISSUER = "https://consent.test"
+AUDIENCE = "avatarkit-tests"
+ISSUER_KEY = IssuerKey.generate()
+
+
+def grant_fields(**overrides: Any) -> dict[str, Any]:
+    """Fields of a grant for "amelia" and "bob", purpose "support", valid for a day."""
+    now = datetime.now(UTC)
+    fields: dict[str, Any] = {
+        "subject": {"subject_ref": "subj_amelia", "display_name": "Amelia Example"},
+        "grantor": {"grantor_ref": "subj_amelia"},
+        "avatars": ["amelia", "bob"],
+        "purposes": ["support", "demo"],
+        "valid_from": now - timedelta(minutes=5),
+        "expires_at": now + timedelta(days=1),
+        "evidence": {"recording_sha256": "ab" * 32, "storage_ref": "vault://consent/amelia.mp4",
+                     "challenge_phrase": "amber otter lantern"},
+    }
+    fields.update(overrides)
+    return fields
+
+
+#: A token for index 0 of the test registry's status list (valid unless a test revokes it).
+CONSENT_GRANT = ConsentGrant.model_validate({
+    **grant_fields(expires_at=datetime.now(UTC) + timedelta(days=2)), "issuer": ISSUER,
+    "status": {"uri": f"{ISSUER}/status/1", "idx": 0}})
+CONSENT = issue_consent_token(CONSENT_GRANT, ISSUER_KEY, audience=AUDIENCE)
+
 
 @pytest.fixture
-def make_kit(tavus_emulator: TavusEmulator) -> KitFactory:
-    """Build a kit for the emulator; keyword arguments override ``[providers.tavus]`` keys."""
+async def consent_authority() -> AsyncIterator[ConsentAuthority]:
+    """The test registry, with ``CONSENT_GRANT`` recorded at index 0 of its status list."""
+    authority = ConsentAuthority(ISSUER_KEY, issuer=ISSUER, store=SQLiteConsentStore(":memory:"),
+                                 status_ttl_s=1)
+    async with authority:
+        ref = await authority.store.allocate_status_index(authority.status_uri)
+        assert ref == CONSENT_GRANT.status
+        await authority.store.record_grant(CONSENT_GRANT)
+        await authority.publish()
+        yield authority
+
+
+def consent_config(**overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {"audience": AUDIENCE, "issuers": [ISSUER],
+                              "jwks": {"keys": [ISSUER_KEY.public_jwk()]}}
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture
+def make_kit(tavus_emulator: TavusEmulator, consent_authority: ConsentAuthority) -> KitFactory:
+    """Build a kit for the emulator; keyword arguments override ``[providers.tavus]`` keys
+    (``session=`` and ``consent=`` override those sections)."""
 
     def factory(**tavus: Any) -> AvatarKit:
         session = tavus.pop("session", {})
+        consent = consent_config(**tavus.pop("consent", {}))
         settings: dict[str, Any] = {
             "api_key": API_KEY,
             "base_url": tavus_emulator.url,
@@ -52,7 +112,9 @@ def make_kit(tavus_emulator: TavusEmulator) -> KitFactory:
         settings = {k: v for k, v in settings.items() if v is not None}
         return AvatarKit(KitConfig(providers={"tavus": settings},
                                    avatars={"amelia": {"tavus": FACE}, "bob": {"tavus": "r_bob"}},
-                                   session=session))
+                                   session=session, consent=consent),
+                         status_source=consent_authority.source,
+                         consent_store=consent_authority.store)
 
     return factory
 

@@ -74,8 +74,11 @@ def test_demo_runs_end_to_end() -> None:
     result = avatarkit("demo")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for expected in ("-> tavus", "speech_started", "speech_ended", "interrupted",
-                     "closed", "billed", "0 open sessions"):
+    for expected in ("consent    cns_", "-> tavus", "signed notice verified", "session_started",
+                     "speech_started", "speech_ended", "interrupted", "consent_revoked",
+                     "reason=consent revoked", "refused    a new session with the same token: "
+                     "revoked", "session_started", "status_check", "closed", "billed",
+                     "0 open sessions"):
         assert expected in out, expected
     billed = re.search(r"billed\s+([\d.]+) s", out)
     assert billed and float(billed.group(1)) > 1.0

@@ -9,6 +9,8 @@ import pytest
 
 from avatarkit import AvatarKit, ConfigError, KitConfig
 
+from .conftest import CONSENT, consent_config
+
 SECRET = "tvs-live-9f8e7d6c5b4a"
 
 
@@ -133,15 +135,15 @@ def test_empty_env_reference() -> None:
 
 def test_unknown_policy_fails_closed() -> None:
     config = KitConfig(providers={"tavus": {"api_key": "k", "channel": "websocket"}},
-                       avatars={"amelia": {"tavus": "r1"}})
+                       avatars={"amelia": {"tavus": "r1"}}, consent=consent_config())
     kit = AvatarKit(config)
     with pytest.raises(ConfigError) as info:
-        kit.session("amelia", policy="eu-strict")
+        kit.session("amelia", consent=CONSENT, purpose="support", policy="eu-strict")
     assert info.value.field == "policy"
     with pytest.raises(ConfigError, match="unknown avatar"):
-        kit.session("bob")
+        kit.session("bob", consent=CONSENT, purpose="support")
     with pytest.raises(ConfigError, match="positive"):
-        kit.session("amelia", interrupt_ack_timeout=0)
+        kit.session("amelia", consent=CONSENT, purpose="support", interrupt_ack_timeout=0)
 
 
 def test_environment_sets_a_provider_secret(tmp_path: Path,

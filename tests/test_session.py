@@ -25,13 +25,25 @@ from avatarkit import (
     SpeechStarted,
     UsageUpdated,
 )
+from avatarkit.consent.authority import ConsentAuthority
 from avatarkit.emulators import TavusEmulator
 
-from .conftest import API_KEY, ECHO_PAL, FACE, KitFactory, next_event, sdk_tasks, send_speech
+from .conftest import (
+    API_KEY,
+    AUDIENCE,
+    CONSENT,
+    ECHO_PAL,
+    FACE,
+    KitFactory,
+    grant_fields,
+    next_event,
+    sdk_tasks,
+    send_speech,
+)
 
 
 async def test_full_session(tavus_emulator: TavusEmulator, make_kit: KitFactory) -> None:
-    async with make_kit() as kit, kit.session("amelia", purpose="support") as s:
+    async with make_kit() as kit, kit.session("amelia", consent=CONSENT, purpose="support") as s:
         assert s.state.value == "live"
         events = s.events()
         assert s.route.chosen == "tavus"
@@ -67,7 +79,7 @@ async def test_full_session(tavus_emulator: TavusEmulator, make_kit: KitFactory)
 
 async def test_each_utterance_has_its_own_inference_id(tavus_emulator: TavusEmulator,
                                                       make_kit: KitFactory) -> None:
-    async with make_kit() as kit, kit.session("amelia") as s:
+    async with make_kit() as kit, kit.session("amelia", consent=CONSENT, purpose="support") as s:
         conversation_id = str(s.vendor_session_id)
         for _ in range(2):
             await send_speech(s, 0.2)
@@ -80,7 +92,7 @@ async def test_each_utterance_has_its_own_inference_id(tavus_emulator: TavusEmul
 
 async def test_any_input_format_is_converted(tavus_emulator: TavusEmulator,
                                             make_kit: KitFactory) -> None:
-    async with make_kit() as kit, kit.session("amelia") as s:
+    async with make_kit() as kit, kit.session("amelia", consent=CONSENT, purpose="support") as s:
         conversation_id = str(s.vendor_session_id)
         await send_speech(s, 0.5, rate=16_000, channels=2)
         await s.end_utterance()
@@ -91,7 +103,7 @@ async def test_any_input_format_is_converted(tavus_emulator: TavusEmulator,
 
 async def test_interrupt_returns_the_acknowledged_position(tavus_emulator: TavusEmulator,
                                                            make_kit: KitFactory) -> None:
-    async with make_kit() as kit, kit.session("amelia") as s:
+    async with make_kit() as kit, kit.session("amelia", consent=CONSENT, purpose="support") as s:
         events = s.events()
         await send_speech(s, 2.0)
         await next_event(events, "speech_started")
@@ -112,7 +124,7 @@ async def test_interrupt_with_a_mute_vendor_returns_within_the_timeout(
         tavus_emulator: TavusEmulator, make_kit: KitFactory) -> None:
     tavus_emulator.faults.mute_interrupts = True
     async with make_kit(session={"interrupt_ack_timeout": 0.5}) as kit, \
-            kit.session("amelia") as s:
+            kit.session("amelia", consent=CONSENT, purpose="support") as s:
         events = s.events()
         await send_speech(s, 2.0)
         await next_event(events, "speech_started")
@@ -128,7 +140,7 @@ async def test_interrupt_with_a_mute_vendor_returns_within_the_timeout(
 
 async def test_interrupt_when_silent_returns_zero_without_waiting(
         tavus_emulator: TavusEmulator, make_kit: KitFactory) -> None:
-    async with make_kit() as kit, kit.session("amelia") as s:
+    async with make_kit() as kit, kit.session("amelia", consent=CONSENT, purpose="support") as s:
         t0 = time.monotonic()
         assert await s.interrupt() == 0.0
         assert time.monotonic() - t0 < 0.1
@@ -136,7 +148,7 @@ async def test_interrupt_when_silent_returns_zero_without_waiting(
 
 async def test_speaking_after_an_interrupt_starts_a_new_utterance(
         tavus_emulator: TavusEmulator, make_kit: KitFactory) -> None:
-    async with make_kit() as kit, kit.session("amelia") as s:
+    async with make_kit() as kit, kit.session("amelia", consent=CONSENT, purpose="support") as s:
         events = s.events()
         await send_speech(s, 1.0)
         await next_event(events, "speech_started")
@@ -153,7 +165,7 @@ async def test_speaking_after_an_interrupt_starts_a_new_utterance(
 async def test_close_ends_at_vendor_once_and_is_idempotent(tavus_emulator: TavusEmulator,
                                                           make_kit: KitFactory) -> None:
     async with make_kit() as kit:
-        s = kit.session("amelia")
+        s = kit.session("amelia", consent=CONSENT, purpose="support")
         await s.start()
         conversation_id = str(s.vendor_session_id)
         assert tavus_emulator.open_sessions == 1
@@ -170,7 +182,7 @@ async def test_exception_in_body_still_ends_at_vendor_and_leaves_no_task(
     before = asyncio.all_tasks()
     kit = make_kit()
     with pytest.raises(RuntimeError, match="app bug"):
-        async with kit, kit.session("amelia") as s:
+        async with kit, kit.session("amelia", consent=CONSENT, purpose="support") as s:
             await send_speech(s, 0.3)
             raise RuntimeError("app bug")
     assert tavus_emulator.open_sessions == 0
@@ -182,7 +194,7 @@ async def test_exception_in_body_still_ends_at_vendor_and_leaves_no_task(
 async def test_no_task_left_after_a_normal_session(tavus_emulator: TavusEmulator,
                                                    make_kit: KitFactory) -> None:
     before = asyncio.all_tasks()
-    async with make_kit() as kit, kit.session("amelia") as s:
+    async with make_kit() as kit, kit.session("amelia", consent=CONSENT, purpose="support") as s:
         events = s.events()
         await send_speech(s, 0.3)
         await s.end_utterance()
@@ -196,7 +208,7 @@ async def test_rate_limited_create_is_retried_with_one_idempotency_key(
         tavus_emulator: TavusEmulator, make_kit: KitFactory) -> None:
     tavus_emulator.faults.rate_limit_next(1, retry_after=0.3)
     t0 = time.monotonic()
-    async with make_kit() as kit, kit.session("amelia") as s:
+    async with make_kit() as kit, kit.session("amelia", consent=CONSENT, purpose="support") as s:
         assert s.state is SessionState.LIVE
     assert time.monotonic() - t0 >= 0.3  # Retry-After was honoured
     creates = [r for r in tavus_emulator.requests if r.path == "/v2/conversations"]
@@ -209,7 +221,7 @@ async def test_rate_limited_create_is_retried_with_one_idempotency_key(
 async def test_server_errors_on_create_are_retried(tavus_emulator: TavusEmulator,
                                                    make_kit: KitFactory) -> None:
     tavus_emulator.faults.fail_next_creates(2, status=503)
-    async with make_kit() as kit, kit.session("amelia"):
+    async with make_kit() as kit, kit.session("amelia", consent=CONSENT, purpose="support"):
         pass
     creates = [r for r in tavus_emulator.requests if r.path == "/v2/conversations"]
     assert [r.status for r in creates] == [503, 503, 200]
@@ -218,7 +230,7 @@ async def test_server_errors_on_create_are_retried(tavus_emulator: TavusEmulator
 async def test_bad_key_is_a_typed_error_and_nothing_is_left_open(
         tavus_emulator: TavusEmulator, make_kit: KitFactory) -> None:
     kit = make_kit(api_key="wrong-key")
-    session = kit.session("amelia")
+    session = kit.session("amelia", consent=CONSENT, purpose="support")
     events = session.events()
     with pytest.raises(AuthenticationError) as info:
         async with kit, session:
@@ -233,13 +245,16 @@ async def test_bad_key_is_a_typed_error_and_nothing_is_left_open(
     assert isinstance(closed, Closed) and closed.reason == "start_failed"
 
 
-async def test_unknown_face_is_permanent_and_not_retried(tavus_emulator: TavusEmulator,
-                                                         make_kit: KitFactory) -> None:
+async def test_unknown_face_is_permanent_and_not_retried(
+        tavus_emulator: TavusEmulator, make_kit: KitFactory,
+        consent_authority: ConsentAuthority) -> None:
     kit = make_kit()
     kit.catalog._avatars["ghost"] = kit.catalog.get("amelia").__class__(
         name="ghost", provider_ids={"tavus": "r_ghost"})
+    _, token = await consent_authority.grant(audience=AUDIENCE,
+                                             **grant_fields(avatars=["ghost"]))
     with pytest.raises(NotFoundError):
-        async with kit, kit.session("ghost"):
+        async with kit, kit.session("ghost", consent=token, purpose="support"):
             pass
     creates = [r for r in tavus_emulator.requests if r.path == "/v2/conversations"]
     assert len(creates) == 1
@@ -249,7 +264,7 @@ async def test_channel_drop_mid_utterance_closes_and_ends_at_vendor(
         tavus_emulator: TavusEmulator, make_kit: KitFactory) -> None:
     tavus_emulator.faults.drop_channel_after(0.3)
     before = asyncio.all_tasks()
-    async with make_kit() as kit, kit.session("amelia") as s:
+    async with make_kit() as kit, kit.session("amelia", consent=CONSENT, purpose="support") as s:
         events = s.events()
         conversation_id = str(s.vendor_session_id)
         with pytest.raises(ProviderConnectionError):
@@ -268,7 +283,7 @@ async def test_channel_drop_mid_utterance_closes_and_ends_at_vendor(
 async def test_vendor_side_timeout_closes_the_session(tavus_emulator: TavusEmulator,
                                                       make_kit: KitFactory) -> None:
     async with make_kit() as kit:
-        s = kit.session("amelia", max_duration_s=1)
+        s = kit.session("amelia", consent=CONSENT, purpose="support", max_duration_s=1)
         async with s:
             events = s.events()
             closed = await next_event(events, "closed", within=4)
@@ -285,7 +300,7 @@ async def test_vendor_side_timeout_closes_the_session(tavus_emulator: TavusEmula
 async def test_end_is_retried_on_server_errors(tavus_emulator: TavusEmulator,
                                                make_kit: KitFactory) -> None:
     tavus_emulator.faults.fail_next_ends(2, status=500)
-    async with make_kit() as kit, kit.session("amelia"):
+    async with make_kit() as kit, kit.session("amelia", consent=CONSENT, purpose="support"):
         pass
     assert tavus_emulator.open_sessions == 0
 
@@ -297,7 +312,7 @@ async def test_unconfirmed_end_is_reported_and_retried_by_the_next_aclose(
     # long timeout the vendor keeps billing until /end succeeds.
     kit = make_kit(retry={"max_retries": 1, "initial_backoff": 0.01},
                    properties={"participant_left_timeout": 600})
-    s = kit.session("amelia")
+    s = kit.session("amelia", consent=CONSENT, purpose="support")
     await s.start()
     with pytest.raises(ServerError):
         await s.aclose()
@@ -317,7 +332,7 @@ async def test_leaving_the_room_stops_billing_even_when_end_fails(
         tavus_emulator: TavusEmulator, make_kit: KitFactory) -> None:
     tavus_emulator.faults.fail_next_ends(100, status=500)
     kit = make_kit(retry={"max_retries": 0})
-    s = kit.session("amelia")
+    s = kit.session("amelia", consent=CONSENT, purpose="support")
     await s.start()
     with pytest.raises(ServerError):
         await s.aclose()
@@ -334,17 +349,17 @@ async def test_kit_close_ends_sessions_left_open(tavus_emulator: TavusEmulator,
     kit = make_kit()
     async with kit:
         for avatar in ("amelia", "bob"):
-            await kit.session(avatar).start()
+            await kit.session(avatar, consent=CONSENT, purpose="support").start()
         assert tavus_emulator.open_sessions == 2
     assert tavus_emulator.open_sessions == 0
     with pytest.raises(SessionStateError):
-        kit.session("amelia")
+        kit.session("amelia", consent=CONSENT, purpose="support")
 
 
 async def test_state_machine_rejects_illegal_operations(tavus_emulator: TavusEmulator,
                                                         make_kit: KitFactory) -> None:
     async with make_kit() as kit:
-        s = kit.session("amelia")
+        s = kit.session("amelia", consent=CONSENT, purpose="support")
         assert s.state is SessionState.CREATED
         with pytest.raises(SessionStateError):
             await s.send_audio(AudioChunk.silence(0.02, sample_rate=24_000))
@@ -367,7 +382,7 @@ async def test_state_machine_rejects_illegal_operations(tavus_emulator: TavusEmu
 async def test_close_before_start_sends_nothing(tavus_emulator: TavusEmulator,
                                                 make_kit: KitFactory) -> None:
     async with make_kit() as kit:
-        s = kit.session("amelia")
+        s = kit.session("amelia", consent=CONSENT, purpose="support")
         await s.aclose()
         assert s.state is SessionState.CLOSED
     assert tavus_emulator.requests == []
@@ -377,7 +392,7 @@ async def test_echo_pal_is_created_once_per_face(tavus_emulator: TavusEmulator,
                                                  make_kit: KitFactory) -> None:
     async with make_kit(pal_id=None) as kit:
         for _ in range(2):
-            async with kit.session("amelia"):
+            async with kit.session("amelia", consent=CONSENT, purpose="support"):
                 pass
     created = [p for p in tavus_emulator.pals.values() if p.pal_id != ECHO_PAL]
     assert len(created) == 1
@@ -387,7 +402,8 @@ async def test_echo_pal_is_created_once_per_face(tavus_emulator: TavusEmulator,
 
 async def test_legacy_persona_vocabulary(tavus_emulator: TavusEmulator,
                                          make_kit: KitFactory) -> None:
-    async with make_kit(pal_id=None, vocabulary="persona") as kit, kit.session("amelia"):
+    async with make_kit(pal_id=None, vocabulary="persona") as kit, \
+            kit.session("amelia", consent=CONSENT, purpose="support"):
         pass
     paths = [r.path for r in tavus_emulator.requests]
     assert "/v2/personas" in paths and "/v2/pals" not in paths
@@ -396,7 +412,8 @@ async def test_legacy_persona_vocabulary(tavus_emulator: TavusEmulator,
 
 async def test_private_room_hands_out_a_masked_viewer_token(tavus_emulator: TavusEmulator,
                                                             make_kit: KitFactory) -> None:
-    async with make_kit(require_auth=True) as kit, kit.session("amelia") as s:
+    async with make_kit(require_auth=True) as kit, \
+            kit.session("amelia", consent=CONSENT, purpose="support") as s:
         token = s.join.token
         assert token is not None and token.get_secret_value() not in repr(s.join)
         conversation = tavus_emulator.conversations[str(s.vendor_session_id)]
@@ -410,13 +427,13 @@ async def test_api_key_never_reaches_logs_or_errors(tavus_emulator: TavusEmulato
     caplog.set_level(logging.DEBUG)
     tavus_emulator.faults.rate_limit_next(1, retry_after=0.01)
     texts: list[str] = []
-    async with make_kit() as kit, kit.session("amelia") as s:
+    async with make_kit() as kit, kit.session("amelia", consent=CONSENT, purpose="support") as s:
         texts += [repr(kit), repr(kit.providers["tavus"]), repr(kit.config), repr(s.join)]
         await send_speech(s, 0.2)
         await s.end_utterance()
     bad = make_kit(api_key=API_KEY + "-revoked")
     with pytest.raises(AuthenticationError) as info:
-        async with bad, bad.session("amelia"):
+        async with bad, bad.session("amelia", consent=CONSENT, purpose="support"):
             pass
     texts += [str(info.value), repr(info.value)]
     texts += [record.getMessage() for record in caplog.records]

@@ -1,12 +1,19 @@
 """avatarkit: one typed AvatarSession for real-time talking-avatar video.
 
     kit = AvatarKit.from_config("avatarkit.toml")
-    async with kit, kit.session(avatar="amelia", purpose="support") as s:
+    async with kit, kit.session("amelia", consent=token, purpose="support") as s:
         await s.send_audio(AudioChunk.from_pcm16(pcm, sample_rate=24_000))
         await s.end_utterance()
 """
 
-from ._config import AvatarConfig, DisclosureConfig, KitConfig, SessionDefaults
+from ._config import (
+    AvatarConfig,
+    ConsentConfig,
+    DisclosureConfig,
+    KitConfig,
+    LabelSettings,
+    SessionDefaults,
+)
 from .catalog import Avatar
 from .disclosure.metadata import DisclosureMetadata
 from .errors import (
@@ -16,8 +23,16 @@ from .errors import (
     BudgetExceeded,
     CapabilityError,
     ConfigError,
+    ConsentCheck,
+    ConsentExpired,
+    ConsentOutOfScope,
+    ConsentReplayed,
+    ConsentRequired,
+    ConsentStatusUnavailable,
     ConsentViolation,
+    ConsentWithdrawn,
     ErrorCategory,
+    InvalidConsentToken,
     InvalidRequestError,
     MediaFormatError,
     NoRouteError,
@@ -37,6 +52,7 @@ from .events import (
     Interrupted,
     ProviderSwitched,
     SessionEvent,
+    SessionStarted,
     SpeechEnded,
     SpeechStarted,
     UsageUpdated,
@@ -68,16 +84,26 @@ __all__ = [
     "CapabilityError",
     "Closed",
     "ConfigError",
+    "ConsentCheck",
+    "ConsentConfig",
+    "ConsentExpired",
+    "ConsentOutOfScope",
+    "ConsentReplayed",
+    "ConsentRequired",
     "ConsentRevoked",
+    "ConsentStatusUnavailable",
     "ConsentViolation",
+    "ConsentWithdrawn",
     "DisclosureConfig",
     "DisclosureMetadata",
     "ErrorCategory",
     "Interrupted",
+    "InvalidConsentToken",
     "InvalidRequestError",
     "JoinInfo",
     "JoinKind",
     "KitConfig",
+    "LabelSettings",
     "MediaFormatError",
     "NoRouteError",
     "NotFoundError",
@@ -94,6 +120,7 @@ __all__ = [
     "ServerError",
     "SessionDefaults",
     "SessionEvent",
+    "SessionStarted",
     "SessionState",
     "SessionStateError",
     "SpeechEnded",

@@ -15,7 +15,7 @@ import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -37,7 +37,14 @@ from .errors import ConfigError
 from .providers.base import ProviderSettings
 from .providers.registry import canonical_name, get_provider_class
 
-__all__ = ["AvatarConfig", "DisclosureConfig", "KitConfig", "SessionDefaults"]
+__all__ = [
+    "AvatarConfig",
+    "ConsentConfig",
+    "DisclosureConfig",
+    "KitConfig",
+    "LabelSettings",
+    "SessionDefaults",
+]
 
 _toml_path: ContextVar[Path | None] = ContextVar("avatarkit_toml_path", default=None)
 
@@ -58,13 +65,63 @@ class SessionDefaults(BaseModel):
     )
 
 
+class ConsentConfig(BaseModel):
+    """``[consent]``: whose consent tokens this deployment trusts, and how it checks them.
+
+    Every session needs a token signed by one of ``issuers`` with a key in ``jwks`` and
+    addressed to ``audience``. Revocation status comes from signed status lists: a URI listed
+    in ``status_lists`` is read from that local file (offline deployments); any other
+    ``http(s)`` URI is fetched. ``store`` is the SQLite consent ledger and generation log;
+    without it the log is kept in memory only (a warning says so).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    audience: str = Field(min_length=1, description="This deployment's id (the tokens' aud).")
+    issuers: list[str] = Field(min_length=1, description="Trusted consent registries (iss).")
+    jwks: Path | dict[str, Any] = Field(
+        description="The issuers' pinned Ed25519 public keys: a JWKS file, or the JWKS inline.")
+    status_lists: dict[str, Path] = Field(
+        default_factory=dict, description="Status list URI -> local file holding the signed "
+        "statuslist+jwt.")
+    max_status_age_s: float = Field(
+        default=86_400, gt=0, description="Older status lists fail closed.")
+    recheck_interval_s: float = Field(
+        default=60, gt=0, le=3600, description="Live sessions re-check consent this often.")
+    leeway_s: float = Field(default=5, ge=0, le=300, description="Clock skew allowed.")
+    store: Path | None = Field(
+        default=None, description="SQLite consent ledger + generation log (file path).")
+
+
+class LabelSettings(BaseModel):
+    """``[disclosure.label]``: the visible label burned into frames the SDK produces."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(
+        default=True, description="Turning it off is recorded in the generation log.")
+    text: str = Field(default="AI GENERATED", min_length=1, max_length=40)
+    position: Literal["top-right", "top-left", "bottom-right", "bottom-left"] = "top-right"
+    size: float = Field(default=0.06, ge=0.03, le=0.25,
+                        description="Label height as a fraction of the frame height.")
+
+
 class DisclosureConfig(BaseModel):
-    """``[disclosure]``: the text of the AI notice carried by every JoinInfo."""
+    """``[disclosure]``: the AI notice every JoinInfo carries and the marking of produced media.
+
+    ``notice_key`` is an Ed25519 private JWK file that signs the disclosure notice viewers can
+    verify; without it the kit signs with a key made at start-up (``kit.disclosure_jwks()``
+    publishes it). ``c2pa_credentials`` is a directory made by ``avatarkit disclosure keygen``.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     label: str = Field(default="AI-generated", min_length=1)
     notice: str = Field(default=DEFAULT_NOTICE, min_length=1)
+    burned_label: LabelSettings = Field(default_factory=LabelSettings)
+    watermark: bool = True
+    notice_key: Path | None = None
+    c2pa_credentials: Path | None = None
 
 
 class AvatarConfig(BaseModel):
@@ -105,6 +162,8 @@ class KitConfig(BaseSettings):
     avatars: dict[str, AvatarConfig] = Field(default_factory=dict)
     session: SessionDefaults = Field(default_factory=SessionDefaults)
     disclosure: DisclosureConfig = Field(default_factory=DisclosureConfig)
+    consent: ConsentConfig | None = Field(
+        default=None, description="Trusted consent issuers; sessions cannot start without it.")
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -179,6 +238,32 @@ class KitConfig(BaseSettings):
                         f"names provider {provider!r}, which is not configured under [providers]",
                         field=f"avatars.{avatar_name}.{provider}",
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _paths_relative_to_the_file(self) -> KitConfig:
+        """Relative paths in a TOML file are relative to that file, not the working dir."""
+        base = _toml_path.get()
+        if base is None:
+            return self
+        root = base.parent
+
+        def fix(path: Path | None) -> Path | None:
+            return root / path if path is not None and not path.is_absolute() else path
+
+        if self.consent is not None:
+            consent = self.consent.model_copy(update={
+                "jwks": fix(self.consent.jwks) if isinstance(self.consent.jwks, Path)
+                else self.consent.jwks,
+                "store": fix(self.consent.store),
+                "status_lists": {k: fix(v) for k, v in self.consent.status_lists.items()},
+            })
+            object.__setattr__(self, "consent", consent)
+        disclosure = self.disclosure.model_copy(update={
+            "notice_key": fix(self.disclosure.notice_key),
+            "c2pa_credentials": fix(self.disclosure.c2pa_credentials),
+        })
+        object.__setattr__(self, "disclosure", disclosure)
         return self
 
     def provider_settings(self) -> dict[str, ProviderSettings]:

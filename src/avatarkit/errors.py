@@ -19,7 +19,16 @@ Every error the SDK raises derives from :class:`AvatarKitError`::
     │   ├── ProviderConnectionError the request never completed (DNS, refused, reset, dropped WS)
     │   └── ProviderTimeoutError    the vendor did not answer in time
     └── PolicyViolation             never retried, never failed over
-        ├── ConsentViolation        no valid consent for this likeness/purpose
+        ├── ConsentViolation        no valid consent for this likeness/purpose (``check``
+        │   │                       names the failed check, a ``ConsentCheck``)
+        │   ├── ConsentRequired     no token was presented
+        │   ├── InvalidConsentToken malformed, wrong algorithm/type/key/issuer/audience,
+        │   │                       bad signature, missing claims
+        │   ├── ConsentExpired      outside the token's validity window
+        │   ├── ConsentOutOfScope   avatar, purpose, channel, provider, region, ... not granted
+        │   ├── ConsentWithdrawn    revoked or suspended on the status list
+        │   ├── ConsentStatusUnavailable  the status list is stale, unreachable or invalid
+        │   └── ConsentReplayed     a single-use token was presented again
         ├── ResidencyViolation      the data may not go where the provider renders
         └── BudgetExceeded          a minute or money cap would be crossed
 
@@ -39,8 +48,16 @@ __all__ = [
     "BudgetExceeded",
     "CapabilityError",
     "ConfigError",
+    "ConsentCheck",
+    "ConsentExpired",
+    "ConsentOutOfScope",
+    "ConsentReplayed",
+    "ConsentRequired",
+    "ConsentStatusUnavailable",
     "ConsentViolation",
+    "ConsentWithdrawn",
     "ErrorCategory",
+    "InvalidConsentToken",
     "InvalidRequestError",
     "MediaFormatError",
     "NoRouteError",
@@ -226,8 +243,73 @@ class PolicyViolation(AvatarKitError):
     retryable = False
 
 
+class ConsentCheck(StrEnum):
+    """The consent check that refused a request (``ConsentViolation.check``)."""
+
+    MISSING = "missing"                # no token presented
+    MALFORMED = "malformed"            # not a compact JWS / undecodable
+    ALGORITHM = "algorithm"            # alg is not EdDSA
+    TYPE = "type"                      # typ is not avk-consent+jwt
+    KEY = "key"                        # kid unknown to the pinned key set
+    SIGNATURE = "signature"            # signature does not verify
+    ISSUER = "issuer"                  # iss is not a trusted issuer
+    AUDIENCE = "audience"              # aud does not name this deployment
+    CLAIMS = "claims"                  # a required claim is missing or has the wrong type
+    RECORD = "record"                  # rec does not match the consent record presented
+    EXPIRED = "expired"                # now >= exp
+    NOT_YET_VALID = "not_yet_valid"    # now < nbf
+    AVATAR = "avatar"
+    PURPOSE = "purpose"
+    CHANNEL = "channel"
+    MODALITY = "modality"
+    LANGUAGE = "language"
+    PROVIDER = "provider"
+    REGION = "region"
+    REVOKED = "revoked"
+    SUSPENDED = "suspended"
+    STATUS_STALE = "status_stale"              # cached list older than max_age, no fresh one
+    STATUS_UNAVAILABLE = "status_unavailable"  # list missing, unreachable, badly signed
+    REPLAY = "replay"                  # single-use jti seen before
+
+
 class ConsentViolation(PolicyViolation):
-    """No valid consent covers this likeness, purpose or provider."""
+    """No valid consent covers this likeness, purpose or provider. ``check`` names the
+    check that failed; ``consent_id`` is the token's ``jti`` when it could be read."""
+
+    def __init__(self, message: str, *, check: ConsentCheck,
+                 consent_id: str | None = None) -> None:
+        super().__init__(message)
+        self.check = check
+        self.consent_id = consent_id
+
+
+class ConsentRequired(ConsentViolation):
+    """The request needs a consent token and none was given."""
+
+
+class InvalidConsentToken(ConsentViolation):
+    """The token is not a valid consent token from a trusted issuer for this deployment."""
+
+
+class ConsentExpired(ConsentViolation):
+    """The token is outside its validity window (``exp`` passed or ``nbf`` not reached)."""
+
+
+class ConsentOutOfScope(ConsentViolation):
+    """The consent does not cover what was asked: avatar, purpose, channel, modality,
+    language, provider or region."""
+
+
+class ConsentWithdrawn(ConsentViolation):
+    """The consent was revoked or suspended (status list)."""
+
+
+class ConsentStatusUnavailable(ConsentViolation):
+    """The revocation status could not be established: fails closed."""
+
+
+class ConsentReplayed(ConsentViolation):
+    """A single-use token was presented a second time."""
 
 
 class ResidencyViolation(PolicyViolation):

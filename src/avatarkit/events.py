@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from .disclosure.metadata import DisclosureMetadata
 from .join import JoinInfo
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "Interrupted",
     "ProviderSwitched",
     "SessionEvent",
+    "SessionStarted",
     "SpeechEnded",
     "SpeechStarted",
     "UsageUpdated",
@@ -36,6 +38,18 @@ class _Event(BaseModel):
 
     session_id: str
     at: datetime = Field(default_factory=_now)
+
+
+class SessionStarted(_Event):
+    """The session is live: who renders it, under which consent, and the AI disclosure
+    (``disclosure_notice`` is the signed JWS of ``disclosure`` that viewer apps verify)."""
+
+    type: Literal["session_started"] = "session_started"
+    provider: str
+    vendor_session_id: str
+    consent_id: str
+    disclosure: DisclosureMetadata
+    disclosure_notice: str
 
 
 class SpeechStarted(_Event):
@@ -109,7 +123,8 @@ class Closed(_Event):
 
 
 SessionEvent = Annotated[
-    SpeechStarted
+    SessionStarted
+    | SpeechStarted
     | SpeechEnded
     | Interrupted
     | ProviderSwitched

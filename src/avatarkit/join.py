@@ -29,3 +29,6 @@ class JoinInfo(BaseModel):
     url: str | None = None
     token: SecretStr | None = None
     disclosure: DisclosureMetadata
+    #: ``disclosure`` as a signed JWS (``typ`` ``avk-disclosure+jwt``): a viewer app verifies
+    #: it with the deployment's published keys before showing the notice
+    disclosure_notice: str | None = None

@@ -1,6 +1,8 @@
-"""``AvatarKit``: holds the configured providers, the router and the shared HTTP client.
+"""``AvatarKit``: holds the configured providers, the router, the consent gate and the shared
+HTTP client.
 
-``kit.session(...)`` makes sessions; ``kit.route(...)`` shows the routing decision without
+``kit.session(...)`` makes sessions (each needs a consent token: see ``[consent]`` in the
+config and docs/responsible-use.md); ``kit.route(...)`` shows the routing decision without
 starting anything. The kit is an async context manager; closing it closes every session it
 made that is still open (ending them at their vendors), then the providers and the HTTP pool.
 """
@@ -10,20 +12,28 @@ from __future__ import annotations
 import asyncio
 import os
 import weakref
+from collections.abc import Sequence
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import httpx
 
 from ._config import KitConfig
-from .catalog import Catalog
-from .errors import ConfigError, SessionStateError
+from .catalog import Avatar, Catalog
+from .errors import ConfigError, ConsentCheck, ConsentRequired, SessionStateError
 from .providers._http import new_http_client
 from .providers.base import Provider
 from .providers.registry import get_provider_class
-from .routing.router import RouteDecision, Router
+from .routing.router import RouteConstraint, RouteDecision, Router
 from .session import AvatarSession
+
+if TYPE_CHECKING:
+    from .consent.enforce import ConsentGate
+    from .consent.keys import IssuerKey, KeySet
+    from .consent.status import StatusListSource
+    from .consent.store import ConsentStore
+    from .disclosure.metadata import DisclosureMetadata
 
 __all__ = ["AvatarKit"]
 
@@ -37,15 +47,31 @@ class _KitState(StrEnum):
 class AvatarKit:
     """The entry point: ``AvatarKit.from_config("avatarkit.toml")`` or ``AvatarKit(config)``.
 
-    Pass ``http_client`` to share your own ``httpx.AsyncClient`` (the kit then leaves it open).
+    Pass ``http_client`` to share your own ``httpx.AsyncClient`` (the kit then leaves it open),
+    ``status_source`` to supply consent status lists from your own code, and
+    ``consent_store`` to use a ledger other than the configured SQLite file (the kit then
+    leaves it open).
     """
 
     def __init__(
-        self, config: KitConfig | None = None, *, http_client: httpx.AsyncClient | None = None
+        self,
+        config: KitConfig | None = None,
+        *,
+        http_client: httpx.AsyncClient | None = None,
+        status_source: StatusListSource | None = None,
+        consent_store: ConsentStore | None = None,
     ) -> None:
         self.config = config if config is not None else KitConfig()
         self._owns_http = http_client is None
         self._http = http_client if http_client is not None else new_http_client()
+        self._gate: ConsentGate | None = None
+        if self.config.consent is not None:
+            from .consent.enforce import ConsentGate
+
+            self._gate = ConsentGate.from_config(
+                self.config.consent, http=self._http, status_source=status_source,
+                store=consent_store)
+        self._notice_key = self._load_notice_key()
         settings = self.config.provider_settings()
         self._providers: dict[str, Provider] = {
             name: get_provider_class(name)(s, http=self._http) for name, s in settings.items()
@@ -68,12 +94,18 @@ class AvatarKit:
     def route(
         self, avatar: str, *, purpose: str | None = None, policy: str | None = None
     ) -> RouteDecision:
-        """The routing decision for a session, without starting anything (dry run)."""
+        """The routing decision for a session, without starting anything (dry run; the
+        consent scope is applied when a session starts, after its token is verified)."""
+        return self._route(self.catalog.get(avatar), purpose=purpose, policy=policy)
+
+    def _route(self, avatar: Avatar, *, purpose: str | None, policy: str | None,
+               constraints: Sequence[RouteConstraint] = ()) -> RouteDecision:
         if policy is not None:
             # Fail closed: a policy that is asked for but not configured must not be ignored.
             raise ConfigError(f"unknown policy {policy!r}: no policies are configured",
                               field="policy")
-        return self._router.route(self.catalog.get(avatar), purpose=purpose, policy=policy)
+        return self._router.route(avatar, purpose=purpose, policy=policy,
+                                  constraints=constraints)
 
     def session(
         self,
@@ -87,10 +119,23 @@ class AvatarKit:
     ) -> AvatarSession:
         """A new session for ``avatar`` (not started: use ``async with``, or ``await start()``).
 
-        The avatar, policy and timeouts are checked here, before anything reaches a vendor.
+        ``consent`` is the consent token of the person the avatar shows and ``purpose`` what
+        the session is for; the token is verified against both when the session starts,
+        before anything reaches a vendor. The avatar, policy and timeouts are checked here.
         """
         if self._state is _KitState.CLOSED:
             raise SessionStateError("this AvatarKit is closed")
+        self._consent_gate()  # a kit without [consent] cannot start sessions: say so now
+        if consent is None or not consent:
+            raise ConsentRequired(
+                "a session needs the consent token of the person the avatar shows "
+                "(kit.session(avatar, consent=token, purpose=...))", check=ConsentCheck.MISSING)
+        if not isinstance(consent, str):
+            raise ConfigError(f"expected the consent token as a str, got "
+                              f"{type(consent).__name__}", field="consent")
+        if purpose is None or not purpose.strip():
+            raise ConfigError("a session needs a purpose its consent covers "
+                              "(e.g. purpose=\"customer-support\")", field="purpose")
         defaults = self.config.session
         for name, value in (("interrupt_ack_timeout", interrupt_ack_timeout),
                             ("max_duration_s", max_duration_s)):
@@ -114,6 +159,48 @@ class AvatarKit:
 
     def _provider(self, name: str) -> Provider:
         return self._providers[name]
+
+    def _consent_gate(self) -> ConsentGate:
+        if self._gate is None:
+            raise ConfigError(
+                "sessions need a [consent] section naming the trusted consent issuers "
+                "(audience, issuers, jwks): no likeness is shown without verified consent",
+                field="consent")
+        return self._gate
+
+    @property
+    def consent_store(self) -> ConsentStore:
+        """The consent ledger and generation log (``[consent] store``)."""
+        return self._consent_gate().store
+
+    def _load_notice_key(self) -> IssuerKey:
+        from .consent.keys import IssuerKey
+
+        path = self.config.disclosure.notice_key
+        if path is None:
+            return IssuerKey.generate()
+        try:
+            return IssuerKey.load(path)
+        except FileNotFoundError:
+            raise ConfigError(f"notice key file not found: {path}",
+                              field="disclosure.notice_key") from None
+
+    def disclosure_jwks(self) -> dict[str, Any]:
+        """The public key set viewer apps verify disclosure notices with (publish it)."""
+        from .consent.keys import KeySet
+
+        return KeySet.of(self._notice_key).to_jwks()
+
+    def disclosure_keys(self) -> KeySet:
+        """:meth:`disclosure_jwks` as a ``KeySet`` (for ``verify_disclosure_notice``)."""
+        from .consent.keys import KeySet
+
+        return KeySet.of(self._notice_key)
+
+    def _sign_disclosure(self, metadata: DisclosureMetadata) -> str:
+        from .disclosure.notice import sign_disclosure_notice
+
+        return sign_disclosure_notice(metadata, self._notice_key)
 
     async def __aenter__(self) -> Self:
         if self._state is not _KitState.UNOPENED:
@@ -140,6 +227,8 @@ class AvatarKit:
                                        return_exceptions=True)
         await asyncio.gather(*(p.aclose() for p in self._providers.values()),
                              return_exceptions=True)
+        if self._gate is not None:
+            await self._gate.aclose()
         if self._owns_http:
             await self._http.aclose()
         errors = [r for r in results if isinstance(r, BaseException)]

@@ -28,15 +28,29 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 from .catalog import Avatar
-from .disclosure.metadata import DisclosureMetadata
+from .disclosure.metadata import DisclosureMetadata, LabelPolicy
 from .errors import (
     AvatarKitError,
+    ConsentCheck,
+    ConsentOutOfScope,
+    ConsentViolation,
+    ConsentWithdrawn,
     MediaFormatError,
+    NoRouteError,
     ProviderConnectionError,
     ProviderError,
     SessionStateError,
 )
-from .events import Closed, Interrupted, SessionEvent, SpeechEnded, SpeechStarted, UsageUpdated
+from .events import (
+    Closed,
+    ConsentRevoked,
+    Interrupted,
+    SessionEvent,
+    SessionStarted,
+    SpeechEnded,
+    SpeechStarted,
+    UsageUpdated,
+)
 from .join import JoinInfo
 from .media import AudioChunk, AudioResampler, VideoFrame
 from .providers.base import (
@@ -50,6 +64,9 @@ from .providers.base import (
 from .routing.router import RouteDecision
 
 if TYPE_CHECKING:
+    from .consent.enforce import ConsentGate
+    from .consent.store import GenerationRecord
+    from .consent.tokens import VerifiedConsent
     from .kit import AvatarKit
 
 __all__ = ["AvatarSession", "SessionState"]
@@ -105,9 +122,9 @@ class AvatarSession:
         kit: AvatarKit,
         *,
         avatar: Avatar,
-        purpose: str | None,
+        purpose: str,
         policy: str | None,
-        consent: str | None,
+        consent: str,
         interrupt_ack_timeout: float,
         max_duration_s: float,
         close_timeout: float,
@@ -133,6 +150,10 @@ class AvatarSession:
         self._close_task: asyncio.Task[None] | None = None
         self._vendor_failure: VendorSessionEnded | None = None
         self._end_failure: BaseException | None = None  # last failed attempt to end
+        self._verified: VerifiedConsent | None = None
+        self._disclosure_metadata: DisclosureMetadata | None = None
+        self._notice: str | None = None
+        self._consent_watch: asyncio.Task[None] | None = None
 
         self._sending: _Utterance | None = None  # utterance currently being sent
         self._unfinished: dict[str, _Utterance] = {}  # sent, not yet reported finished
@@ -157,8 +178,23 @@ class AvatarSession:
 
     @property
     def join(self) -> JoinInfo:
-        """How viewers join the media, with the AI-disclosure notice."""
-        return self._live_vendor("join").join
+        """How viewers join the media, with the AI-disclosure metadata and its signed notice."""
+        join = self._live_vendor("join").join
+        return join.model_copy(update={"disclosure_notice": self._notice})
+
+    @property
+    def disclosure(self) -> DisclosureMetadata:
+        """The session's AI-disclosure metadata (consent id, generation id, provider...)."""
+        if self._disclosure_metadata is None:
+            raise SessionStateError("the session has no disclosure yet; start it first")
+        return self._disclosure_metadata
+
+    @property
+    def consent(self) -> VerifiedConsent:
+        """The verified consent the session runs under."""
+        if self._verified is None:
+            raise SessionStateError("the session's consent is not verified yet; start it")
+        return self._verified
 
     @property
     def provider(self) -> str | None:
@@ -186,21 +222,26 @@ class AvatarSession:
     async def start(self) -> None:
         """Route, start the vendor session, go live. ``async with`` calls this for you."""
         self._transition(SessionState.STARTING)
+        gate = self._kit._consent_gate()
         try:
-            self._route = decision = self._kit.route(
-                self.avatar.name, purpose=self.purpose, policy=self.policy
-            )
+            # Consent first: nothing reaches a vendor without a verified, in-scope token.
+            self._verified = verified = await gate.admit(
+                self._consent, avatar=self.avatar, purpose=self.purpose,
+                generation_id=self.generation_id)
+            self._route = decision = self._routed(verified)
             assert decision.chosen is not None  # route() raises when nothing is eligible
             provider = self._kit._provider(decision.chosen)
             avatar_id = self.avatar.id_at(decision.chosen)
             assert avatar_id is not None
             profile = provider.profile
+            self._disclosure_metadata = disclosure = self._disclosure(
+                decision.chosen, profile, verified)
             request = SessionRequest(
                 session_id=self.session_id,
                 avatar=self.avatar.name,
                 avatar_id=avatar_id,
                 idempotency_key=f"avk-{self.session_id}",
-                disclosure=self._disclosure(decision.chosen),
+                disclosure=disclosure,
                 purpose=self.purpose,
                 max_duration_s=self._max_duration_s,
             )
@@ -215,10 +256,78 @@ class AvatarSession:
         self._start_finished.set()
         if self._state is not SessionState.STARTING:  # aclose() was called while starting
             return
+        self._notice = self._kit._sign_disclosure(disclosure)
         self._pump = asyncio.create_task(self._pump_signals(vendor), name=f"{self.session_id}-pump")
+        self._consent_watch = asyncio.create_task(
+            self._watch_consent(gate, verified), name=f"{self.session_id}-consent")
         self._transition(SessionState.LIVE)
-        logger.info("session %s live on %s (%s)", self.session_id, vendor.provider,
-                    vendor.vendor_session_id)
+        await gate.log(self._record("session_started", status_check="valid"))
+        self._publish(SessionStarted(
+            session_id=self.session_id, provider=vendor.provider,
+            vendor_session_id=vendor.vendor_session_id, consent_id=verified.consent_id,
+            disclosure=disclosure, disclosure_notice=self._notice))
+        logger.info("session %s live on %s (%s) under consent %s", self.session_id,
+                    vendor.provider, vendor.vendor_session_id, verified.consent_id)
+
+    def _routed(self, verified: VerifiedConsent) -> RouteDecision:
+        """The route among providers the consent allows. When the consent excludes every
+        provider that has the avatar, that is a consent refusal, not a routing gap."""
+        from .consent.enforce import ConsentRouteConstraint
+
+        try:
+            return self._kit._route(self.avatar, purpose=self.purpose, policy=self.policy,
+                                    constraints=(ConsentRouteConstraint(verified),))
+        except NoRouteError as exc:
+            decision = exc.decision
+            assert isinstance(decision, RouteDecision)
+            by_consent = [c for c in decision.candidates if c.excluded_by == "consent"]
+            if not by_consent:
+                raise
+            check = ConsentCheck.REGION if all("region" in (c.reason or "")
+                                               for c in by_consent) else ConsentCheck.PROVIDER
+            raise ConsentOutOfScope(
+                "the consent allows none of the providers that have this avatar:\n"
+                + decision.explain(), check=check, consent_id=verified.consent_id,
+            ) from None
+
+    def _record(self, kind: str, **fields: object) -> GenerationRecord:
+        from .consent.store import GenerationRecord
+
+        verified = self._verified
+        return GenerationRecord.model_validate({
+            "generation_id": self.generation_id, "kind": kind,
+            "consent_id": verified.consent_id if verified else None,
+            "token_sha256": verified.token_sha256 if verified else None,
+            "purpose": self.purpose, "channel": "live", "avatar": self.avatar.name,
+            "provider": self._vendor.provider if self._vendor else None,
+            "label": None if self._disclosure_metadata is None
+            else self._disclosure_metadata.label_policy == "burned-in",
+            **fields,
+        })
+
+    async def _watch_consent(self, gate: ConsentGate, verified: VerifiedConsent) -> None:
+        """Re-check the consent every ``recheck_interval_s`` (and at its expiry). A revoked,
+        suspended, expired or unverifiable consent ends the session (fail closed)."""
+        interval = gate.recheck_interval_s
+        while True:
+            until_expiry = verified.expires_at.timestamp() - time.time()
+            await asyncio.sleep(max(0.0, min(interval, until_expiry)))
+            try:
+                status = await gate.recheck(verified)
+            except ConsentViolation as exc:
+                await gate.log(self._record("status_check", status_check=str(exc.check)))
+                if isinstance(exc, ConsentWithdrawn):
+                    self._publish(ConsentRevoked(
+                        session_id=self.session_id, consent_id=verified.consent_id,
+                        status="suspended" if exc.check is ConsentCheck.SUSPENDED
+                        else "revoked"))
+                logger.warning("session %s: consent %s no longer holds (%s); ending",
+                               self.session_id, verified.consent_id, exc.check)
+                if self._close_task is None:
+                    self._close_task = asyncio.create_task(
+                        self._do_close(f"consent {exc.check}"), name=f"{self.session_id}-close")
+                return
+            await gate.log(self._record("status_check", status_check=status.name.lower()))
 
     async def aclose(self) -> None:
         """Close the session: end it at the vendor, stop every task. Safe to call again.
@@ -283,17 +392,22 @@ class AvatarSession:
             await self._start_finished.wait()
         elif self._state is not SessionState.CLOSING:
             self._transition(SessionState.CLOSING)
-        pump, self._pump = self._pump, None
-        if pump is not None and pump is not asyncio.current_task():
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
+        for task in (self._pump, self._consent_watch):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._pump = self._consent_watch = None
         if self._ack is not None and not self._ack.done():
             self._ack.cancel()
         if self._vendor is not None:
             self._end_failure = await self._end_vendor()
         if self._vendor_failure is not None and reason == "closed":
             reason = f"vendor: {self._vendor_failure.reason}"
+        if self._verified is not None and self._vendor is not None:
+            await self._kit._consent_gate().log(self._record("session_ended", details={
+                "reason": reason, "billed_seconds": round(self._vendor.billed_seconds, 3),
+                "vendor_ended": self._vendor.ended}))
         self._finish_close(reason=reason, error=self._end_failure)
 
     def _finish_close(self, *, reason: str, error: BaseException | None) -> None:
@@ -431,11 +545,18 @@ class AvatarSession:
     def _latest_unfinished(self) -> _Utterance | None:
         return next(reversed(self._unfinished.values()), None)
 
-    def _disclosure(self, provider: str) -> DisclosureMetadata:
+    def _disclosure(self, provider: str, profile: ProviderProfile,
+                    verified: VerifiedConsent) -> DisclosureMetadata:
         cfg = self._kit.config.disclosure
+        if not profile.self_hosted:
+            policy: LabelPolicy = "viewer-ui"  # the vendor renders; the viewer UI labels
+        else:
+            policy = "burned-in" if cfg.burned_label.enabled else "disabled"
         return DisclosureMetadata(
-            label=cfg.label, notice=cfg.notice, generation_id=self.generation_id,
-            provider=provider, avatar=self.avatar.name,
+            label=cfg.label, notice=cfg.notice, generator=f"avatarkit/{_version()}",
+            generation_id=self.generation_id, provider=provider, avatar=self.avatar.name,
+            consent_id=verified.consent_id, consent_token_sha256=verified.token_sha256,
+            label_policy=policy,
         )
 
     def _cost(self, billed_seconds: float) -> Decimal | None:
@@ -488,6 +609,15 @@ class AvatarSession:
             signal.interrupted or utterance_id == self._ack_target
         ):
             self._ack.set_result(signal)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("avatarkit")
+    except PackageNotFoundError:
+        return "0+unknown"
 
 
 def _end_error(vendor: ProviderSession, exc: BaseException) -> AvatarKitError:

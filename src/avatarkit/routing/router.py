@@ -1,14 +1,17 @@
 """The router: which configured provider serves a session, and a record of why.
 
 This version applies the constraints every route has (provider enabled, avatar present at the
-provider) and orders the eligible providers as configured. Policy constraints and scoring
-(residency, price, latency, budgets) plug in as further filters and a scoring step; the
-``RouteDecision`` record already carries every candidate with its exclusion or rank.
+provider), then any request-specific :class:`RouteConstraint` (the consent scope is one: a
+grant may name the providers and regions it allows), and orders the eligible providers as
+configured. Policy constraints and scoring (residency, price, latency, budgets) plug in as
+further filters and a scoring step; the ``RouteDecision`` record already carries every
+candidate with its exclusion or rank.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,7 +19,19 @@ from ..catalog import Avatar
 from ..errors import NoRouteError
 from ..providers.base import ProviderProfile, ProviderSettings
 
-__all__ = ["RouteCandidate", "RouteDecision", "Router"]
+__all__ = ["RouteCandidate", "RouteConstraint", "RouteDecision", "Router"]
+
+
+class RouteConstraint(Protocol):
+    """A hard constraint on which providers may serve one request."""
+
+    #: names the constraint in ``RouteCandidate.excluded_by`` (e.g. ``"consent"``)
+    name: str
+
+    def exclusion(self, provider: str, profile: ProviderProfile,
+                  avatar_id: str) -> str | None:
+        """Why ``provider`` may not serve the request, or None when it may."""
+        ...
 
 
 class RouteCandidate(BaseModel):
@@ -77,7 +92,12 @@ class Router:
         self._profiles = dict(profiles)
 
     def route(
-        self, avatar: Avatar, *, purpose: str | None = None, policy: str | None = None
+        self,
+        avatar: Avatar,
+        *,
+        purpose: str | None = None,
+        policy: str | None = None,
+        constraints: Sequence[RouteConstraint] = (),
     ) -> RouteDecision:
         """Decide, without starting anything. Raises ``NoRouteError`` when nothing qualifies."""
         candidates: list[RouteCandidate] = []
@@ -93,6 +113,15 @@ class Router:
                     provider=name, eligible=False, excluded_by="avatar_present",
                     reason=f"avatar {avatar.name!r} has no id at {name}"))
             else:
+                excluded = next(
+                    ((c.name, why) for c in constraints
+                     if (why := c.exclusion(name, self._profiles[name], avatar_id)) is not None),
+                    None)
+                if excluded is not None:
+                    candidates.append(RouteCandidate(
+                        provider=name, eligible=False, excluded_by=excluded[0],
+                        reason=excluded[1], avatar_id=avatar_id))
+                    continue
                 rank += 1
                 candidates.append(RouteCandidate(
                     provider=name, eligible=True, rank=rank, avatar_id=avatar_id))

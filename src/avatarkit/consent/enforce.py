@@ -1,0 +1,173 @@
+"""The kit's consent checkpoint: no session starts without a verified, in-scope consent token.
+
+:class:`ConsentGate` is built from the ``[consent]`` config section. A session asks it to
+:meth:`~ConsentGate.admit` its token before anything reaches a vendor (signature, issuer,
+audience, validity window, avatar, purpose, channel, modality, revocation status), turns the
+verified grant into a routing constraint (:class:`ConsentRouteConstraint`: providers, regions
+and vendor-side ids the grant allows), and re-checks the status on an interval while live.
+Every admission, refusal and status check goes into the generation log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import httpx
+
+from .._config import ConsentConfig
+from ..catalog import Avatar
+from ..errors import ConfigError, ConsentCheck, ConsentOutOfScope, ConsentViolation
+from ..providers.base import ProviderProfile
+from .grant import Channel, Modality
+from .keys import KeySet
+from .status import (
+    FileStatusListSource,
+    HttpStatusListSource,
+    StatusChecker,
+    StatusListSource,
+    TokenStatus,
+)
+from .store import ConsentStore, GenerationRecord, SQLiteConsentStore
+from .tokens import ConsentRequest, ConsentVerifier, VerifiedConsent
+
+__all__ = ["ConsentGate", "ConsentRouteConstraint"]
+
+logger = logging.getLogger("avatarkit.consent")
+
+
+class _ConfiguredStatusSource(StatusListSource):
+    """Local files for the URIs the config maps, HTTP for any other http(s) URI."""
+
+    def __init__(self, files: Mapping[str, Path], http: httpx.AsyncClient) -> None:
+        self._files = FileStatusListSource(files) if files else None
+        self._known = frozenset(files)
+        self._http = HttpStatusListSource(http)
+
+    async def fetch(self, uri: str) -> str:
+        if self._files is not None and uri in self._known:
+            return await self._files.fetch(uri)
+        if uri.startswith(("https://", "http://")):
+            return await self._http.fetch(uri)
+        raise LookupError(f"no source for status list {uri!r}: map it under "
+                          "[consent.status_lists] or use an http(s) URI")
+
+
+class ConsentRouteConstraint:
+    """The grant's scope as a routing constraint: only providers it names (or any), only
+    regions it allows (an unknown region fails closed), only the vendor ids it lists."""
+
+    name = "consent"
+
+    def __init__(self, verified: VerifiedConsent) -> None:
+        self._verified = verified
+
+    def exclusion(self, provider: str, profile: ProviderProfile, avatar_id: str) -> str | None:
+        v = self._verified
+        if not v.allows_provider(provider):
+            return f"consent {v.consent_id} does not allow provider {provider}"
+        if not v.allows_vendor_id(provider, avatar_id):
+            return f"consent {v.consent_id} does not cover {provider} id {avatar_id}"
+        regions = profile.regions
+        if regions is None:
+            if not v.allows_region(None):
+                return f"consent {v.consent_id} limits regions; {provider}'s region is unknown"
+        else:
+            refused = sorted(r for r in regions if not v.allows_region(r))
+            if refused:
+                return (f"consent {v.consent_id} does not allow region(s) "
+                        f"{', '.join(refused)} where {provider} renders")
+        return None
+
+
+class ConsentGate:
+    """Verifier + status checker + ledger of one kit. Use :meth:`from_config`."""
+
+    def __init__(self, verifier: ConsentVerifier, store: ConsentStore, *,
+                 recheck_interval_s: float, owns_store: bool = True) -> None:
+        self.verifier = verifier
+        self.store = store
+        self.recheck_interval_s = recheck_interval_s
+        self._owns_store = owns_store
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ConsentConfig,
+        *,
+        http: httpx.AsyncClient,
+        status_source: StatusListSource | None = None,
+        store: ConsentStore | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> ConsentGate:
+        try:
+            keys = KeySet.load(config.jwks) if isinstance(config.jwks, Path) \
+                else KeySet.from_jwks(config.jwks)
+        except FileNotFoundError:
+            raise ConfigError(f"JWKS file not found: {config.jwks}",
+                              field="consent.jwks") from None
+        source = status_source or _ConfiguredStatusSource(config.status_lists, http)
+        checker = StatusChecker(keys, source, max_age_s=config.max_status_age_s, clock=clock)
+        owns_store = store is None
+        if store is None:
+            if config.store is None:
+                logger.warning("no [consent] store configured: the consent ledger and "
+                               "generation log are kept in memory and lost at exit")
+            store = SQLiteConsentStore(config.store or ":memory:")
+        verifier = ConsentVerifier(
+            keys, issuers=config.issuers, audience=config.audience, status=checker,
+            replay=store, leeway_s=config.leeway_s, clock=clock)
+        return cls(verifier, store, recheck_interval_s=config.recheck_interval_s,
+                   owns_store=owns_store)
+
+    async def admit(
+        self,
+        token: str,
+        *,
+        avatar: Avatar,
+        purpose: str,
+        generation_id: str,
+        channel: Channel = "live",
+        modalities: frozenset[Modality] = frozenset({"face_video", "voice"}),
+        language: str | None = None,
+    ) -> VerifiedConsent:
+        """Verify ``token`` for showing ``avatar`` for ``purpose``; log the outcome."""
+        request = ConsentRequest(avatar=avatar.name, purpose=purpose, channel=channel,
+                                 modalities=modalities, language=language)
+        try:
+            verified = await self.verifier.verify(token, request)
+            if avatar.consent_subject is not None and \
+                    verified.subject_ref != avatar.consent_subject:
+                raise ConsentOutOfScope(
+                    f"the consent is for another person than the one avatar {avatar.name!r} "
+                    "shows (its consent_subject)", check=ConsentCheck.AVATAR,
+                    consent_id=verified.consent_id)
+        except ConsentViolation as exc:
+            await self._log(GenerationRecord(
+                generation_id=generation_id, kind="consent_refused",
+                consent_id=exc.consent_id, status_check=str(exc.check), purpose=purpose,
+                channel=channel, language=language, avatar=avatar.name,
+                details={"error": type(exc).__name__}))
+            raise
+        return verified
+
+    async def recheck(self, verified: VerifiedConsent) -> TokenStatus:
+        """Expiry and revocation status of an admitted consent, with a status list no older
+        than the recheck interval. Raises ``ConsentViolation`` subclasses."""
+        return await self.verifier.recheck(verified, fresh_within_s=self.recheck_interval_s)
+
+    async def log(self, record: GenerationRecord) -> None:
+        await self._log(record)
+
+    async def _log(self, record: GenerationRecord) -> None:
+        try:
+            await self.store.log_generation(record)
+        except Exception:  # the log must never hide the outcome it records
+            logger.exception("could not write generation log entry %s for %s",
+                             record.kind, record.generation_id)
+
+    async def aclose(self) -> None:
+        if self._owns_store:
+            await self.store.aclose()
