@@ -228,7 +228,12 @@ class AvatarSession:
             self._verified = verified = await gate.admit(
                 self._consent, avatar=self.avatar, purpose=self.purpose,
                 generation_id=self.generation_id)
-            self._route = decision = self._routed(verified)
+            try:
+                self._route = decision = self._routed(verified)
+            except ConsentOutOfScope as exc:
+                await gate.log(self._record("consent_refused", status_check=str(exc.check),
+                                            details={"error": type(exc).__name__}))
+                raise
             assert decision.chosen is not None  # route() raises when nothing is eligible
             provider = self._kit._provider(decision.chosen)
             avatar_id = self.avatar.id_at(decision.chosen)

@@ -105,9 +105,8 @@ class ConsentGate:
         try:
             keys = KeySet.load(config.jwks) if isinstance(config.jwks, Path) \
                 else KeySet.from_jwks(config.jwks)
-        except FileNotFoundError:
-            raise ConfigError(f"JWKS file not found: {config.jwks}",
-                              field="consent.jwks") from None
+        except ConfigError as exc:
+            raise ConfigError(str(exc), field="consent.jwks") from None
         source = status_source or _ConfiguredStatusSource(config.status_lists, http)
         checker = StatusChecker(keys, source, max_age_s=config.max_status_age_s, clock=clock)
         owns_store = store is None
