@@ -3,6 +3,7 @@
     avatarkit demo                     a scripted session against the offline Tavus emulator
     avatarkit emulate [VENDOR ...]     serve offline vendor emulators (default: all)
     avatarkit route --config F --avatar A [--purpose P] [--policy X] [--json]
+    avatarkit consent keygen|init-list|issue|verify|revoke|suspend|reinstate|status|publish
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("--purpose")
     route.add_argument("--policy")
     route.add_argument("--json", action="store_true", help="print the decision as JSON")
+
+    from .consent._cli import add_consent_parser
+
+    add_consent_parser(sub)
     return parser
 
 
@@ -75,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "route":
             return _route(args)
+        if args.command == "consent":
+            from .consent._cli import run_consent
+
+            return run_consent(args)
     except AvatarKitError as exc:
         print(f"avatarkit: error: {exc}", file=sys.stderr)
         return 2

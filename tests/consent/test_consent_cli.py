@@ -191,11 +191,10 @@ def test_mounts_on_another_parser(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert IssuerKey.load(tmp_path / "k.json").kid == capsys.readouterr().out.strip()
 
 
-def test_runs_as_a_separate_process(tmp_path: Path) -> None:
+def test_runs_as_the_avatarkit_command(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     result = subprocess.run(
-        [sys.executable, "-c", "import sys; from avatarkit.consent._cli import main; "
-                               "sys.exit(main(sys.argv[1:]))",
+        [sys.executable, "-m", "avatarkit.cli",
          "consent", "keygen", "--out", str(tmp_path / "k.json")],
         capture_output=True, text=True, env=env, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
