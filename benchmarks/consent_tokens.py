@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
-import re
 import statistics
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from _report import machine, write_section
 
 from avatarkit.consent.grant import (
     ConsentEvidence,
@@ -127,16 +126,6 @@ async def measure(n: int) -> tuple[dict[str, Stats], int]:
     return results, len(token)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
 
 
 def row(label: str, r: Stats) -> str:
@@ -145,8 +134,6 @@ def row(label: str, r: Stats) -> str:
 
 
 def write_report(results: dict[str, Stats], token_length: int) -> None:
-    path = ROOT / "docs" / "performance.md"
-    text = path.read_text() if path.exists() else "# Performance\n"
     section = (
         "## Consent tokens\n\n"
         f"Measured {datetime.now(UTC):%Y-%m-%d} on {machine()} by "
@@ -160,10 +147,7 @@ def write_report(results: dict[str, Stats], token_length: int) -> None:
         + f"\nToken length: {token_length} characters (scope with 2 purposes, 7 default "
         "prohibited purposes, 2 providers, 1 region, a status reference).\n"
     )
-    pattern = re.compile(r"## Consent tokens\n.*?(?=\n## |\Z)", re.S)
-    text = pattern.sub(lambda _: section.rstrip("\n"), text) if pattern.search(text) else \
-        text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n")
+    write_section('## Consent tokens', section)
 
 
 def main() -> None:

@@ -20,19 +20,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import re
 import statistics
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+from _report import machine, percentile, write_section
 
 from avatarkit import AudioChunk, AudioFormat, AudioResampler, AvatarKit, KitConfig
+from avatarkit.consent import ConsentAuthority, IssuerKey, SQLiteConsentStore
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "bench-key"
@@ -51,8 +51,6 @@ def start_emulator() -> tuple[subprocess.Popen[str], str]:
     return proc, match.group(1)
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.array(values), q))
 
 
 def chunks_48k(n: int) -> list[AudioChunk]:
@@ -64,13 +62,32 @@ def chunks_48k(n: int) -> list[AudioChunk]:
 
 
 async def measure(url: str, n: int, interval: float) -> dict[str, float]:
-    config = KitConfig(
-        providers={"tavus": {"api_key": API_KEY, "base_url": url, "channel": "websocket"}},
-        avatars={"bench": {"tavus": "r_bench"}},
-    )
+    registry = ConsentAuthority(IssuerKey.generate(), issuer="https://consent.bench",
+                                store=SQLiteConsentStore(":memory:"))
+    now = datetime.now(UTC)
+    async with registry:
+        _, token = await registry.grant(
+            audience="bench", avatars=["bench"], purposes=["benchmark"],
+            subject={"subject_ref": "subj_bench"}, grantor={"grantor_ref": "subj_bench"},
+            valid_from=now - timedelta(minutes=1), expires_at=now + timedelta(hours=1),
+            evidence={"recording_sha256": "0" * 64, "storage_ref": "bench://none",
+                      "challenge_phrase": "bench marks only"})
+        config = KitConfig(
+            providers={"tavus": {"api_key": API_KEY, "base_url": url, "channel": "websocket"}},
+            avatars={"bench": {"tavus": "r_bench"}},
+            consent={"audience": "bench", "issuers": [registry.issuer],
+                     "jwks": registry.jwks()},
+        )
+        kit = AvatarKit(config, status_source=registry.source, consent_store=registry.store)
+        return await _timed_session(kit, token, n, interval)
+
+
+async def _timed_session(kit: AvatarKit, token: str, n: int,
+                         interval: float) -> dict[str, float]:
     pcm = [c.to_pcm16() for c in chunks_48k(n)]
     timings: list[float] = []
-    async with AvatarKit(config) as kit, kit.session("bench", max_duration_s=600) as session:
+    async with kit, kit.session("bench", consent=token, purpose="benchmark",
+                                max_duration_s=600) as session:
         for warm in pcm[:50]:  # warm-up: first resampler/ws buffers
             await session.send_audio(AudioChunk.from_pcm16(warm, sample_rate=48_000))
         await session.end_utterance()
@@ -98,16 +115,6 @@ def resample_only(n: int) -> dict[str, float]:
     return {"p50": percentile(timings, 50), "p99": percentile(timings, 99)}
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
 
 
 def row(label: str, r: dict[str, float]) -> str:
@@ -116,8 +123,6 @@ def row(label: str, r: dict[str, float]) -> str:
 
 
 def write_report(results: dict[str, dict[str, float]], resample: dict[str, float]) -> None:
-    path = ROOT / "docs" / "performance.md"
-    text = path.read_text() if path.exists() else "# Performance\n"
     section = (
         "## send_audio: 20 ms chunk, 48 kHz -> 24 kHz, Tavus adapter\n\n"
         f"Measured {datetime.now(UTC):%Y-%m-%d} on {machine()} by "
@@ -133,10 +138,7 @@ def write_report(results: dict[str, dict[str, float]], resample: dict[str, float
         "message; its JSON is built from a per-utterance template with the base64 audio "
         "spliced in (a plain `json.dumps` of the message cost ~22 us more per send).\n"
     )
-    pattern = re.compile(r"## send_audio:.*?(?=\n## |\Z)", re.S)
-    text = pattern.sub(section.rstrip("\n"), text) if pattern.search(text) else \
-        text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n")
+    write_section('## send_audio:', section)
 
 
 def main() -> None:

@@ -1,0 +1,26 @@
+"""The benchmarks still run (tiny sizes, nothing written): a benchmark that rots is found here,
+not on the day someone needs its numbers. No timing is asserted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(("script", "args", "expect"), [
+    ("send_audio.py", ["--chunks", "60"], "send_audio (back-to-back)"),
+    ("consent_tokens.py", ["--iterations", "20"], "token length"),
+    ("watermark.py", ["--repeat", "5"], "PSNR"),
+])
+def test_benchmark_runs(script: str, args: list[str], expect: str) -> None:
+    before = (ROOT / "docs" / "performance.md").read_text()
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert expect in result.stdout
+    assert (ROOT / "docs" / "performance.md").read_text() == before  # only --write writes
