@@ -99,7 +99,7 @@ class RetryPolicy(BaseModel):
         """
         if retry < 0:
             raise ValueError("retry must be >= 0")
-        base = self.initial_backoff * 2.0 ** min(retry, 64)
+        base = self.initial_backoff * 2.0 ** min(retry, 1000)  # capped: no float overflow
         spread = (rng or random).uniform(-self.jitter, self.jitter) if self.jitter else 0.0
         return max(0.0, min(self.max_backoff, base * (1.0 + spread)))
 
