@@ -111,7 +111,8 @@ class DisclosureConfig(BaseModel):
 
     ``notice_key`` is an Ed25519 private JWK file that signs the disclosure notice viewers can
     verify; without it the kit signs with a key made at start-up (``kit.disclosure_jwks()``
-    publishes it). ``c2pa_credentials`` is a directory made by ``avatarkit disclosure keygen``.
+    publishes it). ``burned_label`` is the label drawn into frames the SDK renders itself
+    (self-hosted engines; vendors render their own video, so viewer UIs label it).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -119,9 +120,7 @@ class DisclosureConfig(BaseModel):
     label: str = Field(default="AI-generated", min_length=1)
     notice: str = Field(default=DEFAULT_NOTICE, min_length=1)
     burned_label: LabelSettings = Field(default_factory=LabelSettings)
-    watermark: bool = True
     notice_key: Path | None = None
-    c2pa_credentials: Path | None = None
 
 
 class AvatarConfig(BaseModel):
@@ -260,9 +259,7 @@ class KitConfig(BaseSettings):
             })
             object.__setattr__(self, "consent", consent)
         disclosure = self.disclosure.model_copy(update={
-            "notice_key": fix(self.disclosure.notice_key),
-            "c2pa_credentials": fix(self.disclosure.c2pa_credentials),
-        })
+            "notice_key": fix(self.disclosure.notice_key)})
         object.__setattr__(self, "disclosure", disclosure)
         return self
 

@@ -4,6 +4,9 @@
     avatarkit emulate [VENDOR ...]     serve offline vendor emulators (default: all)
     avatarkit route --config F --avatar A [--purpose P] [--policy X] [--json]
     avatarkit consent keygen|init-list|issue|verify|revoke|suspend|reinstate|status|publish
+    avatarkit disclosure keygen --out DIR     offline C2PA signing credentials (test CA)
+    avatarkit verify FILE [--trust-anchor ROOT.pem] [--store DB] [--json]
+                                       which AI-disclosure signals a media file carries
 """
 
 from __future__ import annotations
@@ -44,8 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("--json", action="store_true", help="print the decision as JSON")
 
     from .consent._cli import add_consent_parser
+    from .disclosure._cli import add_disclosure_parsers
 
     add_consent_parser(sub)
+    add_disclosure_parsers(sub)
     return parser
 
 
@@ -84,6 +89,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .consent._cli import run_consent
 
             return run_consent(args)
+        if args.command == "disclosure":
+            from .disclosure._cli import run_disclosure
+
+            return run_disclosure(args)
+        if args.command == "verify":
+            from .disclosure._cli import run_verify
+
+            return run_verify(args)
     except AvatarKitError as exc:
         print(f"avatarkit: error: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ made that is still open (ending them at their vendors), then the providers and t
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import weakref
 from collections.abc import Sequence
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from .disclosure.metadata import DisclosureMetadata
 
 __all__ = ["AvatarKit"]
+
+logger = logging.getLogger("avatarkit.kit")
 
 
 class _KitState(StrEnum):
@@ -178,6 +181,9 @@ class AvatarKit:
 
         path = self.config.disclosure.notice_key
         if path is None:
+            if self.config.consent is not None:
+                logger.info("no [disclosure] notice_key: disclosure notices are signed with a "
+                            "key made for this kit; publish kit.disclosure_jwks() to viewers")
             return IssuerKey.generate()
         try:
             return IssuerKey.load(path)
