@@ -62,6 +62,7 @@ from .join import JoinInfo, JoinKind
 from .kit import AvatarKit
 from .media import SUPPORTED_SAMPLE_RATES, AudioChunk, AudioFormat, AudioResampler, VideoFrame
 from .providers.base import Capabilities, ProviderProfile
+from .routing.policy import RoutingPolicy
 from .routing.router import RouteCandidate, RouteDecision
 from .session import AvatarSession, SessionState
 
@@ -117,6 +118,7 @@ __all__ = [
     "ResidencyViolation",
     "RouteCandidate",
     "RouteDecision",
+    "RoutingPolicy",
     "ServerError",
     "SessionDefaults",
     "SessionEvent",

@@ -36,6 +36,7 @@ from .disclosure.metadata import DEFAULT_NOTICE
 from .errors import ConfigError
 from .providers.base import ProviderSettings
 from .providers.registry import canonical_name, get_provider_class
+from .routing.policy import RoutingPolicy
 
 __all__ = [
     "AvatarConfig",
@@ -161,6 +162,8 @@ class KitConfig(BaseSettings):
     avatars: dict[str, AvatarConfig] = Field(default_factory=dict)
     session: SessionDefaults = Field(default_factory=SessionDefaults)
     disclosure: DisclosureConfig = Field(default_factory=DisclosureConfig)
+    policies: dict[str, RoutingPolicy] = Field(
+        default_factory=dict, description="Routing policies by name ([policies.NAME]).")
     consent: ConsentConfig | None = Field(
         default=None, description="Trusted consent issuers; sessions cannot start without it.")
 
@@ -237,6 +240,17 @@ class KitConfig(BaseSettings):
                         f"names provider {provider!r}, which is not configured under [providers]",
                         field=f"avatars.{avatar_name}.{provider}",
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _policies_name_configured_providers(self) -> KitConfig:
+        for policy_name, policy in self.policies.items():
+            for key in ("providers_allowed", "providers_denied"):
+                for provider in getattr(policy, key) or ():
+                    if canonical_name(provider) not in self.providers:
+                        raise ConfigError(
+                            f"names provider {provider!r}, which is not configured under "
+                            "[providers]", field=f"policies.{policy_name}.{key}")
         return self
 
     @model_validator(mode="after")

@@ -80,7 +80,8 @@ class AvatarKit:
             name: get_provider_class(name)(s, http=self._http) for name, s in settings.items()
         }
         self.catalog = Catalog.from_config(self.config.avatars)
-        self._router = Router(settings, {n: p.profile for n, p in self._providers.items()})
+        self._router = Router(settings, {n: p.profile for n, p in self._providers.items()},
+                              policies=self.config.policies)
         self._sessions: weakref.WeakSet[AvatarSession] = weakref.WeakSet()
         self._state = _KitState.UNOPENED
 
@@ -103,10 +104,7 @@ class AvatarKit:
 
     def _route(self, avatar: Avatar, *, purpose: str | None, policy: str | None,
                constraints: Sequence[RouteConstraint] = ()) -> RouteDecision:
-        if policy is not None:
-            # Fail closed: a policy that is asked for but not configured must not be ignored.
-            raise ConfigError(f"unknown policy {policy!r}: no policies are configured",
-                              field="policy")
+        # An unknown policy raises ConfigError: asked for, it must never be ignored.
         return self._router.route(avatar, purpose=purpose, policy=policy,
                                   constraints=constraints)
 

@@ -1,5 +1,3 @@
-"""Choosing a provider for a session: candidates, exclusions, the decision record."""
-
-from .router import RouteCandidate, RouteDecision, Router
-
-__all__ = ["RouteCandidate", "RouteDecision", "Router"]
+"""Choosing a provider for a session: policies (``policy.py``) and the router with its
+decision record (``router.py``). Import from those modules; this package imports nothing so
+that the config can use the policy model without pulling in the router."""
