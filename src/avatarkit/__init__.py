@@ -11,10 +11,10 @@ from ._config import (
     ConsentConfig,
     DisclosureConfig,
     KitConfig,
-    LabelSettings,
     SessionDefaults,
 )
 from .catalog import Avatar
+from .disclosure.label_config import LabelConfig
 from .disclosure.metadata import DisclosureMetadata
 from .errors import (
     AuthenticationError,
@@ -104,7 +104,7 @@ __all__ = [
     "JoinInfo",
     "JoinKind",
     "KitConfig",
-    "LabelSettings",
+    "LabelConfig",
     "MediaFormatError",
     "NoRouteError",
     "NotFoundError",

@@ -15,7 +15,7 @@ import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -32,6 +32,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .disclosure.label_config import LabelConfig
 from .disclosure.metadata import DEFAULT_NOTICE
 from .errors import ConfigError
 from .providers.base import ProviderSettings
@@ -43,7 +44,6 @@ __all__ = [
     "ConsentConfig",
     "DisclosureConfig",
     "KitConfig",
-    "LabelSettings",
     "SessionDefaults",
 ]
 
@@ -94,19 +94,6 @@ class ConsentConfig(BaseModel):
         default=None, description="SQLite consent ledger + generation log (file path).")
 
 
-class LabelSettings(BaseModel):
-    """``[disclosure.label]``: the visible label burned into frames the SDK produces."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = Field(
-        default=True, description="Turning it off is recorded in the generation log.")
-    text: str = Field(default="AI GENERATED", min_length=1, max_length=40)
-    position: Literal["top-right", "top-left", "bottom-right", "bottom-left"] = "top-right"
-    size: float = Field(default=0.06, ge=0.03, le=0.25,
-                        description="Label height as a fraction of the frame height.")
-
-
 class DisclosureConfig(BaseModel):
     """``[disclosure]``: the AI notice every JoinInfo carries and the marking of produced media.
 
@@ -120,7 +107,7 @@ class DisclosureConfig(BaseModel):
 
     label: str = Field(default="AI-generated", min_length=1)
     notice: str = Field(default=DEFAULT_NOTICE, min_length=1)
-    burned_label: LabelSettings = Field(default_factory=LabelSettings)
+    burned_label: LabelConfig = Field(default_factory=LabelConfig)
     notice_key: Path | None = None
 
 

@@ -127,7 +127,7 @@ class AvatarKit:
         if self._state is _KitState.CLOSED:
             raise SessionStateError("this AvatarKit is closed")
         self._consent_gate()  # a kit without [consent] cannot start sessions: say so now
-        if consent is None or not consent:
+        if not consent:
             raise ConsentRequired(
                 "a session needs the consent token of the person the avatar shows "
                 "(kit.session(avatar, consent=token, purpose=...))", check=ConsentCheck.MISSING)
@@ -191,9 +191,7 @@ class AvatarKit:
 
     def disclosure_jwks(self) -> dict[str, Any]:
         """The public key set viewer apps verify disclosure notices with (publish it)."""
-        from .consent.keys import KeySet
-
-        return KeySet.of(self._notice_key).to_jwks()
+        return self.disclosure_keys().to_jwks()
 
     def disclosure_keys(self) -> KeySet:
         """:meth:`disclosure_jwks` as a ``KeySet`` (for ``verify_disclosure_notice``)."""

@@ -144,7 +144,7 @@ class ConsentGate:
                     "shows (its consent_subject)", check=ConsentCheck.AVATAR,
                     consent_id=verified.consent_id)
         except ConsentViolation as exc:
-            await self._log(GenerationRecord(
+            await self.log(GenerationRecord(
                 generation_id=generation_id, kind="consent_refused",
                 consent_id=exc.consent_id, status_check=str(exc.check), purpose=purpose,
                 channel=channel, language=language, avatar=avatar.name,
@@ -158,9 +158,8 @@ class ConsentGate:
         return await self.verifier.recheck(verified, fresh_within_s=self.recheck_interval_s)
 
     async def log(self, record: GenerationRecord) -> None:
-        await self._log(record)
-
-    async def _log(self, record: GenerationRecord) -> None:
+        """Append to the generation log; a failing log is reported, never raised over the
+        outcome it records."""
         try:
             await self.store.log_generation(record)
         except Exception:  # the log must never hide the outcome it records

@@ -169,14 +169,7 @@ class IssuerKey:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> IssuerKey:
         """Read a key written by :meth:`save` (or any private Ed25519 JWK)."""
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read the key file: {type(exc).__name__}",
-                              field=str(path)) from None
-        if not isinstance(data, dict):
-            raise ConfigError("the key file is not a JSON object", field=str(path))
-        return cls.from_jwk(data, field=str(path))
+        return cls.from_jwk(_read_json_object(path, "the key file"), field=str(path))
 
     def __repr__(self) -> str:
         return f"IssuerKey(kid={self.kid!r})"
@@ -256,14 +249,7 @@ class KeySet:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> KeySet:
         """Read a JWKS file."""
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read the JWKS: {type(exc).__name__}",
-                              field=str(path)) from None
-        if not isinstance(data, dict):
-            raise ConfigError("a JWKS must be a JSON object", field=str(path))
-        return cls.from_jwks(data)
+        return cls.from_jwks(_read_json_object(path, "the JWKS"))
 
     def to_jwks(self) -> dict[str, list[dict[str, str]]]:
         """The set as a JWKS (public members only)."""
@@ -359,3 +345,15 @@ def signature_valid(token: str, key: Ed25519PublicKey) -> bool:
     except PyJWTError:
         return False
     return True
+
+
+def _read_json_object(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    """A JSON object from ``path``; any failure is a ConfigError naming the file (never its
+    content: it may hold a private key)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {what}: {type(exc).__name__}", field=str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} is not a JSON object", field=str(path))
+    return data

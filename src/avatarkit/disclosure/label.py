@@ -24,18 +24,15 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFont
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import AvatarKitError, MediaFormatError
+from .label_config import LabelConfig, LabelPosition
 
 __all__ = ["LabelConfig", "LabelPosition", "FrameLabeler", "MIN_FRAME_SIDE"]
-
-LabelPosition = Literal["top-right", "top-left", "bottom-right", "bottom-left"]
 
 #: Frames smaller than this cannot carry a legible label; they are refused, not left bare.
 MIN_FRAME_SIDE = 32
@@ -45,34 +42,6 @@ _MIN_LABEL_PX = 14
 #: downscale with a good filter.
 _SS = 3
 _CACHE_SIZE = 8
-
-
-class LabelConfig(BaseModel):
-    """How the burned-in label looks. Invalid values raise pydantic's ``ValidationError``,
-    whose ``loc`` names the field.
-
-    ``size`` is the label height as a fraction of the frame height (so the label keeps its
-    proportions across resolutions); ``margin`` is the gap to the frame edges, also as a
-    fraction of the frame height; ``opacity`` is that of the dark backing box (the letters
-    are always fully opaque). ``enabled=False`` exists for media that is labelled elsewhere;
-    the session records when it is off.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    text: str = Field(default="AI GENERATED", min_length=1, max_length=40)
-    position: LabelPosition = "top-right"
-    size: float = Field(default=0.06, ge=0.03, le=0.25)
-    margin: float = Field(default=0.02, ge=0.0, le=0.1)
-    opacity: float = Field(default=0.75, ge=0.4, le=1.0)
-    enabled: bool = True
-
-    @field_validator("text")
-    @classmethod
-    def _printable(cls, value: str) -> str:
-        if value != value.strip() or not value.isprintable():
-            raise ValueError("must be printable, single-line, without surrounding spaces")
-        return value
 
 
 @dataclass(frozen=True)

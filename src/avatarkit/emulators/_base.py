@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Self, get_args
@@ -601,7 +602,7 @@ class SpeechPlayback:
 # --------------------------------------------------------------------------------------------
 
 
-class EmulatorServer:
+class EmulatorServer(ABC):
     """Base of every vendor emulator: the aiohttp runner plus the shared machinery.
 
     Subclasses set ``name`` and ``auth_header`` and implement ``_add_vendor_routes``,
@@ -799,20 +800,23 @@ class EmulatorServer:
 
     # -- vendor hooks ----------------------------------------------------------------------
 
+    @abstractmethod
     def _add_vendor_routes(self, app: web.Application) -> None:
-        raise NotImplementedError
+        """Register the vendor's API routes."""
 
+    @abstractmethod
     def _error_response(
         self, status: int, message: str, *, headers: Mapping[str, str] | None = None
     ) -> web.Response:
-        raise NotImplementedError
+        """An error in the vendor's own error body shape."""
 
+    @abstractmethod
     def _vendor_state(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The vendor-specific part of ``GET /_emulator/state``."""
 
+    @abstractmethod
     def _reset_sessions(self) -> None:
         """End every session (sending the vendor's shutdown) and forget them."""
-        raise NotImplementedError
 
     # -- control API (no auth) -------------------------------------------------------------
 
