@@ -10,6 +10,9 @@ from the test's ``consent_authority``.
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,6 +27,14 @@ from avatarkit.consent.keys import IssuerKey
 from avatarkit.consent.store import SQLiteConsentStore
 from avatarkit.consent.tokens import issue_consent_token
 from avatarkit.emulators import TavusEmulator
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Session ledgers default to a file under the user's state dir: keep tests out of it.
+    state = tempfile.mkdtemp(prefix="avatarkit-test-state-")
+    os.environ["AVATARKIT_STATE_DIR"] = state
+    config.add_cleanup(lambda: shutil.rmtree(state, ignore_errors=True))
+
 
 API_KEY = "tvs-test-key-7d1c9e"
 FACE = "r_amelia"

@@ -8,6 +8,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from avatarkit import (
+    BudgetWarning,
     Closed,
     ConsentRevoked,
     DisclosureMetadata,
@@ -30,7 +31,10 @@ EVENTS = [
     SpeechEnded(session_id="s", utterance_id="u1", provider="tavus", duration=1.2),
     Interrupted(session_id="s", utterance_id="u2", playback_position=0.4, acknowledged=False),
     ProviderSwitched(session_id="s", from_provider="tavus", to_provider="simli",
-                     reason="channel dropped", join=JOIN),
+                     reason="channel dropped", join=JOIN, vendor_session_id="c2",
+                     replayed_seconds=0.8),
+    BudgetWarning(session_id="s", cap="budgets.session.max_cost", unit="cost",
+                  used=Decimal("4.00"), limit=Decimal("5.00"), ends_in_s=55.0),
     UsageUpdated(session_id="s", provider="tavus", billed_seconds=61.5,
                  cost=Decimal("0.328000")),
     ConsentRevoked(session_id="s", consent_id="cns_1", status="revoked"),

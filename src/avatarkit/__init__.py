@@ -17,6 +17,7 @@ from .catalog import Avatar
 from .disclosure.label_config import LabelConfig
 from .disclosure.metadata import DisclosureMetadata
 from .errors import (
+    AllProvidersFailed,
     AuthenticationError,
     AvatarKitError,
     BillingError,
@@ -47,6 +48,7 @@ from .errors import (
     SessionStateError,
 )
 from .events import (
+    BudgetWarning,
     Closed,
     ConsentRevoked,
     Interrupted,
@@ -73,6 +75,7 @@ __all__ = [
     "AudioChunk",
     "AudioFormat",
     "AudioResampler",
+    "AllProvidersFailed",
     "AuthenticationError",
     "Avatar",
     "AvatarConfig",
@@ -81,6 +84,7 @@ __all__ = [
     "AvatarSession",
     "BillingError",
     "BudgetExceeded",
+    "BudgetWarning",
     "Capabilities",
     "CapabilityError",
     "Closed",

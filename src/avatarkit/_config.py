@@ -35,8 +35,10 @@ from pydantic_settings import (
 from .disclosure.label_config import LabelConfig
 from .disclosure.metadata import DEFAULT_NOTICE
 from .errors import ConfigError
+from .metering.budget import BudgetConfig
 from .providers.base import ProviderSettings
-from .providers.registry import canonical_name, get_provider_class
+from .providers.registry import available_providers, canonical_name, get_provider_class
+from .routing.health import HealthSettings
 from .routing.policy import RoutingPolicy
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "ConsentConfig",
     "DisclosureConfig",
     "KitConfig",
+    "MeteringConfig",
     "SessionDefaults",
 ]
 
@@ -64,6 +67,42 @@ class SessionDefaults(BaseModel):
     close_timeout: float = Field(
         default=20.0, gt=0, description="Seconds aclose() spends ending the vendor session."
     )
+    failover_after_send_failures: int = Field(
+        default=3, ge=1, description="Consecutive failed sends that count as a dead vendor "
+        "session (failover, when the policy allows it).")
+    replay_buffer_s: float = Field(
+        default=60.0, gt=0, le=600, description="Audio of an unfinished utterance kept for "
+        "replay after a failover (the oldest is dropped beyond this).")
+
+
+def default_ledger_path() -> Path:
+    """``$AVATARKIT_STATE_DIR/sessions.db``, else under ``$XDG_STATE_HOME`` (or
+    ``~/.local/state``) ``/avatarkit/``: a file that outlives the process, so that a crash
+    leaves rows the reaper can find."""
+    if state := os.environ.get("AVATARKIT_STATE_DIR"):
+        return Path(state) / "sessions.db"
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "avatarkit" / "sessions.db"
+
+
+class MeteringConfig(BaseModel):
+    """``[metering]``: the session ledger and usage reporting.
+
+    ``ledger`` is the SQLite file every vendor session is recorded in before its create call
+    (``":memory:"`` keeps it in the process: nothing to reap after a crash). Processes that
+    share the file share usage and budgets, and can reap each other's orphans.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ledger: Path = Field(default_factory=default_ledger_path)
+    usage_interval_s: float = Field(default=30.0, gt=0, le=3600,
+                                    description="How often live sessions send UsageUpdated.")
+    heartbeat_interval_s: float = Field(
+        default=15.0, gt=0, description="How often an open kit marks its sessions alive.")
+    stale_after_s: float = Field(
+        default=120.0, gt=0, description="A session on another host whose owner has not "
+        "sent a heartbeat for this long is an orphan the reaper may end.")
 
 
 class ConsentConfig(BaseModel):
@@ -153,6 +192,9 @@ class KitConfig(BaseSettings):
         default_factory=dict, description="Routing policies by name ([policies.NAME]).")
     consent: ConsentConfig | None = Field(
         default=None, description="Trusted consent issuers; sessions cannot start without it.")
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    metering: MeteringConfig = Field(default_factory=MeteringConfig)
+    budgets: BudgetConfig = Field(default_factory=BudgetConfig)
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -204,11 +246,27 @@ class KitConfig(BaseSettings):
             return raw
         settings: dict[str, ProviderSettings] = {}
         for raw_name, section in raw.items():
-            name = canonical_name(str(raw_name))
+            kind = (section.kind if isinstance(section, ProviderSettings)
+                    else section.get("kind") if isinstance(section, Mapping) else None)
+            if kind is not None and not isinstance(kind, str):
+                raise ConfigError("expected an adapter name (a string)",
+                                  field=f"providers.{raw_name}.kind")
+            # A section named after an adapter (or alias) is that adapter; any other name
+            # needs ``kind`` (several accounts or plans of one vendor).
+            name = canonical_name(str(raw_name)) if kind is None else str(raw_name)
             if name in settings:
                 raise ConfigError(f"configured twice (as {name!r} and an alias)",
                                   field=f"providers.{raw_name}")
-            model = get_provider_class(str(raw_name)).settings_model
+            try:
+                model = get_provider_class(kind or str(raw_name)).settings_model
+            except ConfigError:
+                known = ", ".join(available_providers())
+                if kind is not None:
+                    raise ConfigError(f"unknown adapter {kind!r}; known: {known}",
+                                      field=f"providers.{raw_name}.kind") from None
+                raise ConfigError(
+                    f"unknown provider {name!r}: name the section after an adapter ({known}) "
+                    "or set kind = \"ADAPTER\"", field=f"providers.{raw_name}") from None
             if isinstance(section, model):
                 settings[name] = section
                 continue
@@ -241,6 +299,15 @@ class KitConfig(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _budgets_name_configured_providers(self) -> KitConfig:
+        for provider in self.budgets.provider_monthly:
+            if provider not in self.providers:
+                raise ConfigError(f"names provider {provider!r}, which is not configured "
+                                  "under [providers]",
+                                  field=f"budgets.provider_monthly.{provider}")
+        return self
+
+    @model_validator(mode="after")
     def _paths_relative_to_the_file(self) -> KitConfig:
         """Relative paths in a TOML file are relative to that file, not the working dir."""
         base = _toml_path.get()
@@ -262,6 +329,9 @@ class KitConfig(BaseSettings):
         disclosure = self.disclosure.model_copy(update={
             "notice_key": fix(self.disclosure.notice_key)})
         object.__setattr__(self, "disclosure", disclosure)
+        if "ledger" in self.metering.model_fields_set and str(self.metering.ledger) != ":memory:":
+            object.__setattr__(self, "metering", self.metering.model_copy(
+                update={"ledger": fix(self.metering.ledger)}))
         return self
 
     def provider_settings(self) -> dict[str, ProviderSettings]:

@@ -3,6 +3,8 @@
     avatarkit demo                     a scripted session against the offline Tavus emulator
     avatarkit emulate [VENDOR ...]     serve offline vendor emulators (default: all)
     avatarkit route --config F --avatar A [--purpose P] [--policy X] [--json]
+    avatarkit sessions list|reap|usage --config F   the session ledger: open sessions, ending
+                                       those whose process died, billed minutes and cost
     avatarkit consent keygen|init-list|issue|verify|revoke|suspend|reinstate|status|publish
     avatarkit disclosure keygen --out DIR     offline C2PA signing credentials (test CA)
     avatarkit verify FILE [--trust-anchor ROOT.pem] [--store DB] [--json]
@@ -46,6 +48,22 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("--policy")
     route.add_argument("--json", action="store_true", help="print the decision as JSON")
 
+    sessions = sub.add_parser("sessions", help="the session ledger: list, reap, usage")
+    actions = sessions.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="sessions in the ledger (open ones by default)")
+    listing.add_argument("--config", required=True)
+    listing.add_argument("--all", action="store_true", help="ended ones too")
+    listing.add_argument("--json", action="store_true")
+    reap = actions.add_parser("reap", help="end sessions whose owning process died")
+    reap.add_argument("--config", required=True)
+    reap.add_argument("--json", action="store_true")
+    usage = actions.add_parser("usage", help="billed minutes and cost")
+    usage.add_argument("--config", required=True)
+    usage.add_argument("--by", default="provider",
+                       help="comma-separated: provider, tenant, avatar, plan")
+    usage.add_argument("--days", type=float, default=30.0, help="how far back (default 30)")
+    usage.add_argument("--json", action="store_true")
+
     from .consent._cli import add_consent_parser
     from .disclosure._cli import add_disclosure_parsers
 
@@ -85,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "route":
             return _route(args)
+        if args.command == "sessions":
+            from .metering._cli import run_sessions
+
+            return asyncio.run(run_sessions(args))
         if args.command == "consent":
             from .consent._cli import run_consent
 

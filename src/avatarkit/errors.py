@@ -9,6 +9,8 @@ Every error the SDK raises derives from :class:`AvatarKitError`::
     ├── CapabilityError             the chosen provider cannot do this (e.g. no in-process video)
     ├── NoRouteError                no configured provider can serve the request (carries the
     │                               RouteDecision that says why each was excluded)
+    ├── AllProvidersFailed          every provider tried at start failed (an ExceptionGroup of
+    │                               each one's ProviderError)
     ├── ProviderError               a vendor call failed (provider, status, request id, category)
     │   ├── AuthenticationError     401/403: the key is wrong or lacks permission
     │   ├── BillingError            402 / quota: out of credits, concurrency slots exhausted
@@ -39,10 +41,13 @@ router whether a failure is worth trying elsewhere.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
+from typing import Self
 
 __all__ = [
     "AuthenticationError",
+    "AllProvidersFailed",
     "AvatarKitError",
     "BillingError",
     "BudgetExceeded",
@@ -236,6 +241,32 @@ class ProviderTimeoutError(ProviderError):
     default_retryable = True
 
 
+class AllProvidersFailed(ExceptionGroup[ProviderError], AvatarKitError):
+    """Every provider tried for a session start failed with a retryable error.
+
+    An ``ExceptionGroup`` of each attempt's :class:`ProviderError`, in the order tried, so
+    ``except* ServerError`` works; ``providers`` names them in the same order. Raised only when
+    start fallback tried more than one provider; a single failed provider raises its own error.
+    """
+
+    def __new__(cls, message: str, errors: Sequence[ProviderError]) -> Self:
+        return super().__new__(cls, message, list(errors))
+
+    def __init__(self, message: str, errors: Sequence[ProviderError]) -> None:
+        super().__init__(message, list(errors))
+
+    @property
+    def providers(self) -> list[str]:
+        return [e.provider for e in self.exceptions if isinstance(e, ProviderError)]
+
+    def derive(self, excs: Sequence[ProviderError]) -> AllProvidersFailed:  # type: ignore[override]
+        return AllProvidersFailed(self.message, excs)
+
+    def __str__(self) -> str:
+        causes = "; ".join(str(e) for e in self.exceptions)
+        return f"{self.message}: {causes}"
+
+
 class PolicyViolation(AvatarKitError):
     """A request that policy forbids. Never retried and never failed over to another provider."""
 
@@ -317,4 +348,9 @@ class ResidencyViolation(PolicyViolation):
 
 
 class BudgetExceeded(PolicyViolation):
-    """A configured minute or cost cap would be crossed."""
+    """A configured minute or cost cap would be crossed. ``cap`` names it in config terms
+    (``"budgets.session.max_cost"``, ``"budgets.tenants.acme.max_minutes"``...)."""
+
+    def __init__(self, message: str, *, cap: str | None = None) -> None:
+        super().__init__(message)
+        self.cap = cap

@@ -16,6 +16,7 @@ from .disclosure.metadata import DisclosureMetadata
 from .join import JoinInfo
 
 __all__ = [
+    "BudgetWarning",
     "Closed",
     "ConsentRevoked",
     "Interrupted",
@@ -81,23 +82,53 @@ class Interrupted(_Event):
 
 
 class ProviderSwitched(_Event):
-    """The session moved to another provider; viewers must use the new ``join``."""
+    """The live vendor session died and the session moved to another provider (failover).
+
+    Viewers must use the new ``join`` (it carries the new signed disclosure notice). The
+    session keeps its ``session_id``, generation id and consent; ``replayed_seconds`` is the
+    unplayed audio of the current utterance that was sent again to the new provider.
+    """
 
     type: Literal["provider_switched"] = "provider_switched"
     from_provider: str
     to_provider: str
     reason: str
     join: JoinInfo
+    vendor_session_id: str
+    replayed_seconds: float = 0.0
 
 
 class UsageUpdated(_Event):
-    """Billed time so far. ``cost`` is ``None`` when the price is unknown (never 0 by default)."""
+    """Billed time of the session so far, over every provider it used (failover included),
+    from each vendor's billing start (create) to its confirmed end.
+
+    ``cost`` sums the parts whose price is known; ``unpriced_seconds`` is the billed time at
+    providers whose price is unknown. ``cost`` is ``None`` only when nothing is priced: an
+    unknown price is never counted as 0. ``final`` marks the last update, sent at close.
+    """
 
     type: Literal["usage_updated"] = "usage_updated"
     provider: str
     billed_seconds: float
     cost: Decimal | None = None
     currency: str = "USD"
+    unpriced_seconds: float = 0.0
+    final: bool = False
+
+
+class BudgetWarning(_Event):
+    """A budget cap is close: ``used`` of ``limit`` (minutes or money, per ``unit``) is spent.
+
+    Sent once per cap when it reaches the configured fraction (``[budgets] warn_at``). The
+    session is ended before it crosses the cap, ``ends_in_s`` from now at the current rate.
+    """
+
+    type: Literal["budget_warning"] = "budget_warning"
+    cap: str
+    unit: Literal["minutes", "cost"]
+    used: Decimal
+    limit: Decimal
+    ends_in_s: float
 
 
 class ConsentRevoked(_Event):
@@ -129,6 +160,7 @@ SessionEvent = Annotated[
     | Interrupted
     | ProviderSwitched
     | UsageUpdated
+    | BudgetWarning
     | ConsentRevoked
     | Closed,
     Field(discriminator="type"),

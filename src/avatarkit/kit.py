@@ -1,19 +1,24 @@
-"""``AvatarKit``: holds the configured providers, the router, the consent gate and the shared
-HTTP client.
+"""``AvatarKit``: holds the configured providers, the router with its health monitor, the
+consent gate, the session ledger, the budget guard and the shared HTTP client.
 
 ``kit.session(...)`` makes sessions (each needs a consent token: see ``[consent]`` in the
 config and docs/responsible-use.md); ``kit.route(...)`` shows the routing decision without
-starting anything. The kit is an async context manager; closing it closes every session it
-made that is still open (ending them at their vendors), then the providers and the HTTP pool.
+starting anything; ``kit.health()`` says how each provider is doing; ``kit.usage_report()``
+sums billed minutes and cost from the ledger; ``kit.reap()`` ends vendor sessions whose
+owning process died. The kit is an async context manager: opening it starts the health
+probes and the ledger heartbeat; closing it closes every session it made that is still open
+(ending them at their vendors), then the providers, the ledger and the HTTP pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import weakref
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -23,9 +28,19 @@ import httpx
 from ._config import KitConfig
 from .catalog import Avatar, Catalog
 from .errors import ConfigError, ConsentCheck, ConsentRequired, SessionStateError
+from .metering.budget import BudgetGuard
+from .metering.ledger import (
+    GroupKey,
+    SessionLedger,
+    SQLiteSessionLedger,
+    UsageReport,
+)
+from .metering.reaper import ReapOutcome, reap_orphans
 from .providers._http import new_http_client
 from .providers.base import Provider
 from .providers.registry import get_provider_class
+from .routing.health import HealthMonitor, ProviderHealth
+from .routing.policy import RoutingPolicy
 from .routing.router import RouteConstraint, RouteDecision, Router
 from .session import AvatarSession
 
@@ -51,9 +66,10 @@ class AvatarKit:
     """The entry point: ``AvatarKit.from_config("avatarkit.toml")`` or ``AvatarKit(config)``.
 
     Pass ``http_client`` to share your own ``httpx.AsyncClient`` (the kit then leaves it open),
-    ``status_source`` to supply consent status lists from your own code, and
-    ``consent_store`` to use a ledger other than the configured SQLite file (the kit then
-    leaves it open).
+    ``status_source`` to supply consent status lists from your own code,
+    ``consent_store`` to use a consent ledger other than the configured SQLite file, and
+    ``ledger`` a session ledger other than ``[metering] ledger`` (the kit leaves what you pass
+    open).
     """
 
     def __init__(
@@ -63,6 +79,7 @@ class AvatarKit:
         http_client: httpx.AsyncClient | None = None,
         status_source: StatusListSource | None = None,
         consent_store: ConsentStore | None = None,
+        ledger: SessionLedger | None = None,
     ) -> None:
         self.config = config if config is not None else KitConfig()
         self._owns_http = http_client is None
@@ -77,11 +94,19 @@ class AvatarKit:
         self._notice_key = self._load_notice_key()
         settings = self.config.provider_settings()
         self._providers: dict[str, Provider] = {
-            name: get_provider_class(name)(s, http=self._http) for name, s in settings.items()
+            name: get_provider_class(s.kind or name)(s, http=self._http, instance_name=name)
+            for name, s in settings.items()
         }
         self.catalog = Catalog.from_config(self.config.avatars)
         self._router = Router(settings, {n: p.profile for n, p in self._providers.items()},
                               policies=self.config.policies)
+        self._health = HealthMonitor(self.config.health, self._providers)
+        self._owns_ledger = ledger is None
+        self._ledger: SessionLedger = ledger if ledger is not None else SQLiteSessionLedger(
+            _ledger_path(self.config.metering.ledger))
+        self._budget = (BudgetGuard(self.config.budgets, self._ledger)
+                        if self.config.budgets.any else None)
+        self._background: list[asyncio.Task[None]] = []
         self._sessions: weakref.WeakSet[AvatarSession] = weakref.WeakSet()
         self._state = _KitState.UNOPENED
 
@@ -95,18 +120,54 @@ class AvatarKit:
         """The configured providers by name (a copy)."""
         return dict(self._providers)
 
+    @property
+    def ledger(self) -> SessionLedger:
+        """The session ledger (``[metering] ledger``): one row per vendor session."""
+        return self._ledger
+
     def route(
         self, avatar: str, *, purpose: str | None = None, policy: str | None = None
     ) -> RouteDecision:
-        """The routing decision for a session, without starting anything (dry run; the
-        consent scope is applied when a session starts, after its token is verified)."""
+        """The routing decision for a session, without starting anything (dry run). Health
+        (cooldowns, observed latency) applies; the consent scope and budgets are applied
+        when a session starts, after its token is verified and usage is read."""
         return self._route(self.catalog.get(avatar), purpose=purpose, policy=policy)
 
     def _route(self, avatar: Avatar, *, purpose: str | None, policy: str | None,
                constraints: Sequence[RouteConstraint] = ()) -> RouteDecision:
         # An unknown policy raises ConfigError: asked for, it must never be ignored.
-        return self._router.route(avatar, purpose=purpose, policy=policy,
-                                  constraints=constraints)
+        return self._router.route(
+            avatar, purpose=purpose, policy=policy,
+            constraints=(*constraints, self._health.constraint()),
+            observed_latency_ms=self._health.observed_latency_ms())
+
+    def _rules(self, policy: str | None) -> RoutingPolicy:
+        return self._router.policy(policy) if policy is not None else _DEFAULT_RULES
+
+    def health(self) -> dict[str, ProviderHealth]:
+        """Each provider's health: state (healthy, cooling down, probing), observed latency
+        and error rate (EWMA), recent failures, and until when it is kept out of routing."""
+        return self._health.snapshot()
+
+    async def usage_report(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        group_by: Sequence[GroupKey] = ("provider",),
+    ) -> UsageReport:
+        """Billed minutes and cost from the session ledger (every process sharing it),
+        grouped by provider, tenant, avatar and/or plan; the last 30 days by default.
+        An unknown price stays unknown (``unpriced_seconds``), never 0."""
+        until = until or datetime.now(UTC)
+        since = since or until - timedelta(days=30)
+        return await self._ledger.report(since=since, until=until, group_by=group_by)
+
+    async def reap(self) -> list[ReapOutcome]:
+        """End, at their vendors, the sessions in the ledger whose owning process died
+        (crash, SIGKILL), and close their rows. Returns what was done with each."""
+        return await reap_orphans(self._ledger, self._providers,
+                                  stale_after_s=self.config.metering.stale_after_s)
 
     def session(
         self,
@@ -115,6 +176,7 @@ class AvatarKit:
         consent: str | None = None,
         purpose: str | None = None,
         policy: str | None = None,
+        tenant: str | None = None,
         interrupt_ack_timeout: float | None = None,
         max_duration_s: float | None = None,
     ) -> AvatarSession:
@@ -122,7 +184,8 @@ class AvatarKit:
 
         ``consent`` is the consent token of the person the avatar shows and ``purpose`` what
         the session is for; the token is verified against both when the session starts,
-        before anything reaches a vendor. The avatar, policy and timeouts are checked here.
+        before anything reaches a vendor. ``tenant`` attributes usage (reports, per-tenant
+        budgets). The avatar, policy and timeouts are checked here.
         """
         if self._state is _KitState.CLOSED:
             raise SessionStateError("this AvatarKit is closed")
@@ -143,14 +206,17 @@ class AvatarKit:
             if value is not None and not value > 0:
                 raise ConfigError(f"expected a positive number of seconds, got {value!r}",
                                   field=name)
+        if tenant is not None and (not isinstance(tenant, str) or not tenant.strip()):
+            raise ConfigError("expected a non-empty tenant name", field="tenant")
         if policy is not None:
-            self.route(avatar, purpose=purpose, policy=policy)  # raises for unknown policies
+            self._router.policy(policy)  # raises ConfigError for unknown policies
         session = AvatarSession(
             self,
             avatar=self.catalog.get(avatar),
             purpose=purpose,
             policy=policy,
             consent=consent,
+            tenant=tenant,
             interrupt_ack_timeout=interrupt_ack_timeout or defaults.interrupt_ack_timeout,
             max_duration_s=max_duration_s or defaults.max_duration_s,
             close_timeout=defaults.close_timeout,
@@ -208,6 +274,12 @@ class AvatarKit:
         if self._state is not _KitState.UNOPENED:
             raise SessionStateError(f"cannot open an AvatarKit that is {self._state}")
         self._state = _KitState.OPEN
+        await self._ledger.__aenter__()
+        if self.config.health.probe:
+            self._background.append(asyncio.create_task(
+                self._health.run_probes(self._probe), name="avatarkit-health-probes"))
+        self._background.append(asyncio.create_task(self._heartbeat(),
+                                                    name="avatarkit-ledger-heartbeat"))
         return self
 
     async def __aexit__(
@@ -218,17 +290,36 @@ class AvatarKit:
     ) -> None:
         await self.aclose()
 
+    async def _probe(self, provider: str) -> None:
+        await self._providers[provider].probe()
+
+    async def _heartbeat(self) -> None:
+        """Mark this process's open ledger rows alive (reapers on other hosts look at it)."""
+        while True:
+            await asyncio.sleep(self.config.metering.heartbeat_interval_s)
+            try:
+                await self._ledger.heartbeat()
+            except Exception as exc:  # a busy database must not kill the kit
+                logger.warning("ledger heartbeat failed: %s", exc)
+
     async def aclose(self) -> None:
-        """Close open sessions (ending them at their vendors), providers and the HTTP pool.
-        Idempotent."""
+        """Close open sessions (ending them at their vendors), providers, the ledger and the
+        HTTP pool. Idempotent."""
         if self._state is _KitState.CLOSED:
             return
         self._state = _KitState.CLOSED
         open_sessions = list(self._sessions)
         results = await asyncio.gather(*(s.aclose() for s in open_sessions),
                                        return_exceptions=True)
+        for task in self._background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._background.clear()
         await asyncio.gather(*(p.aclose() for p in self._providers.values()),
                              return_exceptions=True)
+        if self._owns_ledger:
+            await self._ledger.aclose()
         if self._gate is not None:
             await self._gate.aclose()
         if self._owns_http:
@@ -239,3 +330,13 @@ class AvatarKit:
 
     def __repr__(self) -> str:
         return f"<AvatarKit providers={list(self._providers)} state={self._state}>"
+
+
+_DEFAULT_RULES = RoutingPolicy(objective="config-order")
+
+
+def _ledger_path(path: os.PathLike[str]) -> str:
+    text = os.fspath(path)
+    if text != ":memory:":
+        os.makedirs(os.path.dirname(os.path.abspath(text)), exist_ok=True)
+    return text

@@ -10,6 +10,20 @@ Anything else raises :class:`~avatarkit.SessionStateError`. The session owns wha
 provider shares: converting audio to the provider's format, utterance bookkeeping, the
 interrupt acknowledgement timeout, the event stream, and closing, which always ends the vendor
 session (retried; ``aclose()`` again retries an unconfirmed end) and leaves no task running.
+
+It also owns what makes a session survive and stay affordable:
+
+* **start fallback**: the route's candidates are tried in rank order; a retryable failure
+  (5xx, timeout, dropped connection, 429) moves on to the next, a permanent one (401, 404,
+  invalid request, out of credits) or a policy violation stops at once;
+* **failover**: when the live vendor session dies (its channel dropped, the vendor ended it
+  for a reason another provider could fix, repeated send failures), the session re-routes
+  under the same consent, policy and budgets, opens the next provider, replays the unplayed
+  part of the current utterance and emits ``ProviderSwitched``; it keeps its ``session_id``,
+  generation id and consent;
+* **metering and budgets**: every vendor attempt is a row in the session ledger, written
+  before the create call and closed on the vendor's confirmed end; ``UsageUpdated`` reports
+  the billed time and cost; a budget cap ends the session before it is crossed.
 """
 
 from __future__ import annotations
@@ -20,8 +34,9 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from types import TracebackType
@@ -30,7 +45,9 @@ from typing import TYPE_CHECKING, Self
 from .catalog import Avatar
 from .disclosure.metadata import DisclosureMetadata, LabelPolicy
 from .errors import (
+    AllProvidersFailed,
     AvatarKitError,
+    BudgetExceeded,
     ConsentCheck,
     ConsentOutOfScope,
     ConsentViolation,
@@ -42,9 +59,11 @@ from .errors import (
     SessionStateError,
 )
 from .events import (
+    BudgetWarning,
     Closed,
     ConsentRevoked,
     Interrupted,
+    ProviderSwitched,
     SessionEvent,
     SessionStarted,
     SpeechEnded,
@@ -61,19 +80,22 @@ from .providers.base import (
     SessionRequest,
     VendorSessionEnded,
 )
-from .routing.router import RouteDecision
+from .routing.policy import RoutingPolicy
+from .routing.router import RouteCandidate, RouteConstraint, RouteDecision
 
 if TYPE_CHECKING:
     from .consent.enforce import ConsentGate
     from .consent.store import GenerationRecord
     from .consent.tokens import VerifiedConsent
     from .kit import AvatarKit
+    from .metering.budget import BudgetConstraint, BudgetStatus
 
 __all__ = ["AvatarSession", "SessionState"]
 
 logger = logging.getLogger("avatarkit.session")
 
 _EVENT_HISTORY = 1000
+_SIXTY = Decimal(60)
 
 
 class SessionState(StrEnum):
@@ -95,18 +117,77 @@ _ALLOWED: dict[SessionState, frozenset[SessionState]] = {
 
 @dataclass(slots=True)
 class _Utterance:
+    """One utterance: what was sent, when it started playing, and (for failover) the audio
+    itself as the caller gave it, so the unplayed part can be sent to another provider."""
+
     id: str
-    sent_seconds: float = 0.0
+    sent_seconds: float = 0.0          # sent to the current provider
     first_sent_at: float | None = None  # monotonic
     playback_started_at: float | None = None  # monotonic, from the vendor's event
     send_finished: bool = False
+    offset: float = 0.0                # seconds played at providers before the current one
+    audio: deque[AudioChunk] = field(default_factory=deque)
+    buffered_seconds: float = 0.0      # duration of ``audio``
+    dropped_seconds: float = 0.0       # audio dropped from the front (replay buffer cap)
 
     def estimated_position(self, now: float) -> float:
         """Seconds played so far: the time since playback began, capped by what was sent."""
         start = self.playback_started_at or self.first_sent_at
         if start is None:
-            return 0.0
-        return max(0.0, min(self.sent_seconds, now - start))
+            return self.offset
+        return self.offset + max(0.0, min(self.sent_seconds, now - start))
+
+    def keep(self, chunk: AudioChunk, limit_s: float) -> None:
+        self.audio.append(chunk)
+        self.buffered_seconds += chunk.duration
+        while self.buffered_seconds > limit_s and len(self.audio) > 1:
+            dropped = self.audio.popleft()
+            self.buffered_seconds -= dropped.duration
+            self.dropped_seconds += dropped.duration
+
+    def forget_last(self, chunk: AudioChunk) -> None:
+        if self.audio and self.audio[-1] is chunk:
+            self.audio.pop()
+            self.buffered_seconds -= chunk.duration
+        self.sent_seconds = max(0.0, self.sent_seconds - chunk.duration)
+
+    def unplayed(self, position: float) -> list[AudioChunk]:
+        """The kept audio from ``position`` seconds into the utterance on."""
+        out: list[AudioChunk] = []
+        at = self.dropped_seconds
+        for chunk in self.audio:
+            end = at + chunk.duration
+            if end > position:
+                skip = max(0, round((position - at) * chunk.sample_rate))
+                if skip:
+                    frames = chunk.samples.reshape(-1, chunk.channels)[skip:]
+                    chunk = AudioChunk(frames.reshape(-1).copy(), chunk.sample_rate,
+                                       chunk.channels)
+                out.append(chunk)
+            at = end
+        return out
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One vendor session of this session (the first, a fallback or a failover)."""
+
+    provider: str
+    profile: ProviderProfile
+    vendor: ProviderSession
+    row_id: str
+    disclosure: DisclosureMetadata
+    recorded_end: bool = False
+
+    def cost(self) -> Decimal | None:
+        return _cost(self.vendor.billed_seconds, self.profile.price_per_minute)
+
+
+def _cost(seconds: float, price: Decimal | None) -> Decimal | None:
+    if price is None:
+        return None
+    minutes = Decimal(str(round(seconds, 3))) / _SIXTY
+    return (minutes * price).quantize(Decimal("0.000001"))
 
 
 class AvatarSession:
@@ -114,7 +195,8 @@ class AvatarSession:
 
     Inside the block the session is live: ``route`` says why its provider was chosen, ``join``
     tells viewers where to watch, ``send_audio`` / ``end_utterance`` make the avatar speak,
-    ``interrupt`` stops it, ``events()`` reports what happens.
+    ``interrupt`` stops it, ``events()`` reports what happens (``ProviderSwitched`` when it
+    failed over to another provider: viewers must re-join).
     """
 
     def __init__(
@@ -125,6 +207,7 @@ class AvatarSession:
         purpose: str,
         policy: str | None,
         consent: str,
+        tenant: str | None,
         interrupt_ack_timeout: float,
         max_duration_s: float,
         close_timeout: float,
@@ -134,26 +217,35 @@ class AvatarSession:
         self.avatar = avatar
         self.purpose = purpose
         self.policy = policy
+        self.tenant = tenant
         self._consent = consent
         self._kit = kit
+        self._rules: RoutingPolicy = kit._rules(policy)
         self.interrupt_ack_timeout = interrupt_ack_timeout
         self._max_duration_s = max_duration_s
         self._close_timeout = close_timeout
 
         self._state = SessionState.CREATED
         self._route: RouteDecision | None = None
-        self._profile: ProviderProfile | None = None
-        self._vendor: ProviderSession | None = None
+        self._current: _Attempt | None = None
+        self._attempts: list[_Attempt] = []
+        self._attempt_counter = 0
+        self._failed_providers: set[str] = set()
         self._resampler: AudioResampler | None = None
         self._pump: asyncio.Task[None] | None = None
+        self._meter: asyncio.Task[None] | None = None
+        self._failover_task: asyncio.Task[None] | None = None
+        self._switch_lock = asyncio.Lock()
+        self._send_failures = 0
         self._start_finished = asyncio.Event()
         self._close_task: asyncio.Task[None] | None = None
         self._vendor_failure: VendorSessionEnded | None = None
         self._end_failure: BaseException | None = None  # last failed attempt to end
         self._verified: VerifiedConsent | None = None
-        self._disclosure_metadata: DisclosureMetadata | None = None
         self._notice: str | None = None
         self._consent_watch: asyncio.Task[None] | None = None
+        self._budget: BudgetConstraint | None = None
+        self._warned: set[str] = set()
 
         self._sending: _Utterance | None = None  # utterance currently being sent
         self._unfinished: dict[str, _Utterance] = {}  # sent, not yet reported finished
@@ -171,7 +263,8 @@ class AvatarSession:
 
     @property
     def route(self) -> RouteDecision:
-        """Why this session's provider was chosen (every candidate, with its exclusion)."""
+        """Why this session's provider was chosen (every candidate, with its exclusion).
+        After a failover, the decision that chose the current provider."""
         if self._route is None:
             raise SessionStateError("the session has not been routed yet; start it first")
         return self._route
@@ -185,9 +278,9 @@ class AvatarSession:
     @property
     def disclosure(self) -> DisclosureMetadata:
         """The session's AI-disclosure metadata (consent id, generation id, provider...)."""
-        if self._disclosure_metadata is None:
+        if self._current is None:
             raise SessionStateError("the session has no disclosure yet; start it first")
-        return self._disclosure_metadata
+        return self._current.disclosure
 
     @property
     def consent(self) -> VerifiedConsent:
@@ -197,19 +290,35 @@ class AvatarSession:
         return self._verified
 
     @property
+    def _vendor(self) -> ProviderSession | None:
+        return self._current.vendor if self._current else None
+
+    @property
     def provider(self) -> str | None:
         """The provider rendering the session (None before start)."""
-        return self._vendor.provider if self._vendor else None
+        return self._current.provider if self._current else None
+
+    @property
+    def providers_used(self) -> list[str]:
+        """Every provider that rendered this session, in order (more than one after failover)."""
+        return [a.provider for a in self._attempts]
 
     @property
     def vendor_session_id(self) -> str | None:
         """The vendor's id for the session (Tavus conversation id...), for support and audits."""
-        return self._vendor.vendor_session_id if self._vendor else None
+        return self._current.vendor.vendor_session_id if self._current else None
 
     @property
     def billed_seconds(self) -> float:
-        """Seconds the vendor bills for this session so far (from create to confirmed end)."""
-        return self._vendor.billed_seconds if self._vendor else 0.0
+        """Seconds billed for this session so far, over every provider it used (each from its
+        create to its confirmed end)."""
+        return sum(a.vendor.billed_seconds for a in self._attempts)
+
+    @property
+    def cost(self) -> Decimal | None:
+        """Cost so far where prices are known (``None`` when no provider used has a price;
+        see ``UsageUpdated.unpriced_seconds`` for the unpriced part)."""
+        return self._usage()[1]
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -220,7 +329,8 @@ class AvatarSession:
         self._state = new
 
     async def start(self) -> None:
-        """Route, start the vendor session, go live. ``async with`` calls this for you."""
+        """Verify consent, route, start a vendor session (falling back down the route on
+        retryable failures), go live. ``async with`` calls this for you."""
         self._transition(SessionState.STARTING)
         gate = self._kit._consent_gate()
         try:
@@ -229,62 +339,59 @@ class AvatarSession:
                 self._consent, avatar=self.avatar, purpose=self.purpose,
                 generation_id=self.generation_id)
             try:
-                self._route = decision = self._routed(verified)
+                self._route = decision = await self._routed(verified)
             except ConsentOutOfScope as exc:
                 await gate.log(self._record("consent_refused", status_check=str(exc.check),
                                             details={"error": type(exc).__name__}))
                 raise
-            assert decision.chosen is not None  # route() raises when nothing is eligible
-            provider = self._kit._provider(decision.chosen)
-            avatar_id = self.avatar.id_at(decision.chosen)
-            assert avatar_id is not None
-            profile = provider.profile
-            self._disclosure_metadata = disclosure = self._disclosure(
-                decision.chosen, profile, verified)
-            request = SessionRequest(
-                session_id=self.session_id,
-                avatar=self.avatar.name,
-                avatar_id=avatar_id,
-                idempotency_key=f"avk-{self.session_id}",
-                disclosure=disclosure,
-                purpose=self.purpose,
-                max_duration_s=self._max_duration_s,
-            )
-            vendor = await provider.start(request)
+            attempt = await self._open_ranked(decision.ranked)
         except BaseException as exc:
             self._start_finished.set()
             self._transition(SessionState.CLOSING)
             self._finish_close(reason="start_failed", error=exc)
             raise
-        self._vendor, self._profile = vendor, profile
-        self._resampler = AudioResampler(profile.audio_format)
+        self._attach(attempt)
         self._start_finished.set()
         if self._state is not SessionState.STARTING:  # aclose() was called while starting
             return
-        self._notice = self._kit._sign_disclosure(disclosure)
-        self._pump = asyncio.create_task(self._pump_signals(vendor), name=f"{self.session_id}-pump")
         self._consent_watch = asyncio.create_task(
             self._watch_consent(gate, verified), name=f"{self.session_id}-consent")
+        self._meter = asyncio.create_task(self._run_meter(), name=f"{self.session_id}-meter")
         self._transition(SessionState.LIVE)
         await gate.log(self._record("session_started", status_check="valid"))
+        assert self._notice is not None
         self._publish(SessionStarted(
-            session_id=self.session_id, provider=vendor.provider,
-            vendor_session_id=vendor.vendor_session_id, consent_id=verified.consent_id,
-            disclosure=disclosure, disclosure_notice=self._notice))
+            session_id=self.session_id, provider=attempt.provider,
+            vendor_session_id=attempt.vendor.vendor_session_id,
+            consent_id=verified.consent_id, disclosure=attempt.disclosure,
+            disclosure_notice=self._notice))
         logger.info("session %s live on %s (%s) under consent %s", self.session_id,
-                    vendor.provider, vendor.vendor_session_id, verified.consent_id)
+                    attempt.provider, attempt.vendor.vendor_session_id, verified.consent_id)
 
-    def _routed(self, verified: VerifiedConsent) -> RouteDecision:
-        """The route among providers the consent allows. When the consent excludes every
-        provider that has the avatar, that is a consent refusal, not a routing gap."""
+    async def _routed(self, verified: VerifiedConsent) -> RouteDecision:
+        """The route among providers the consent and the budgets allow.
+
+        When the consent excludes every provider that has the avatar, that is a consent
+        refusal; when budgets exclude every one the policy and consent allow, a budget one.
+        Both are ``PolicyViolation``: never retried, never failed over.
+        """
         from .consent.enforce import ConsentRouteConstraint
 
+        constraints: list[RouteConstraint] = [ConsentRouteConstraint(verified)]
+        self._budget = await self._budget_constraint()
+        if self._budget is not None:
+            constraints.append(self._budget)
         try:
             return self._kit._route(self.avatar, purpose=self.purpose, policy=self.policy,
-                                    constraints=(ConsentRouteConstraint(verified),))
+                                    constraints=constraints)
         except NoRouteError as exc:
             decision = exc.decision
             assert isinstance(decision, RouteDecision)
+            by_budget = [c for c in decision.candidates if c.excluded_by == "budget"]
+            if by_budget:
+                raise BudgetExceeded(
+                    "a session now would cross a budget cap:\n" + decision.explain(),
+                    cap=(by_budget[0].reason or "").split(":", 1)[0] or None) from None
             by_consent = [c for c in decision.candidates if c.excluded_by == "consent"]
             if not by_consent:
                 raise
@@ -295,18 +402,119 @@ class AvatarSession:
                 + decision.explain(), check=check, consent_id=verified.consent_id,
             ) from None
 
+    async def _budget_constraint(self) -> BudgetConstraint | None:
+        guard = self._kit._budget
+        if guard is None:
+            return None
+        seconds, cost, _ = self._usage()
+        statuses: dict[str, BudgetStatus] = {}
+        for name, provider in self._kit._providers.items():
+            statuses[name] = await guard.status(
+                profile=provider.profile, tenant=self.tenant, session_cap=self._rules.budget,
+                own_seconds=seconds, own_cost=cost or Decimal(0), starting=True)
+        return guard.exclusions(statuses)
+
+    async def _open_ranked(self, candidates: Sequence[RouteCandidate]) -> _Attempt:
+        """Open the first candidate that starts. Falls back on retryable provider failures
+        (when the policy allows); a permanent one or a policy violation stops at once."""
+        errors: list[ProviderError] = []
+        for candidate in candidates:
+            if candidate.provider in self._failed_providers:
+                continue
+            try:
+                return await self._open(candidate)
+            except ProviderError as exc:
+                self._kit._health.record_failure(candidate.provider, exc)
+                if errors:
+                    exc.add_note("tried before: " + "; ".join(str(e) for e in errors))
+                errors.append(exc)
+                if exc.category.is_permanent or not self._rules.fallback:
+                    raise
+                logger.warning("session %s: %s failed to start (%s); trying the next provider",
+                               self.session_id, candidate.provider, exc)
+        if not errors:
+            raise NoRouteError("no provider is left to try (every candidate failed before)",
+                               decision=self._route)
+        if len(errors) == 1:
+            raise errors[0]
+        raise AllProvidersFailed(f"all {len(errors)} providers failed to start", errors)
+
+    async def _open(self, candidate: RouteCandidate) -> _Attempt:
+        """Start one vendor session, with its ledger row written before the create call."""
+        kit = self._kit
+        name = candidate.provider
+        provider = kit._provider(name)
+        profile = provider.profile
+        assert candidate.avatar_id is not None and self._verified is not None
+        disclosure = self._disclosure(name, profile, self._verified)
+        self._attempt_counter += 1
+        attempt_no = self._attempt_counter
+        max_duration = self._max_duration_s
+        status = self._budget.status(name) if self._budget is not None else None
+        if status is not None:
+            max_duration = min(max_duration, max(1.0, status.seconds_left))
+        request = SessionRequest(
+            session_id=self.session_id,
+            avatar=self.avatar.name,
+            avatar_id=candidate.avatar_id,
+            idempotency_key=f"avk-{self.session_id}-{attempt_no}",
+            disclosure=disclosure,
+            purpose=self.purpose,
+            max_duration_s=max_duration,
+        )
+        row = await kit._ledger.begin(
+            session_id=self.session_id, attempt=attempt_no, provider=name,
+            provider_kind=provider.name, idempotency_key=request.idempotency_key,
+            avatar=self.avatar.name, tenant=self.tenant, purpose=self.purpose,
+            plan=provider.settings.plan, price_per_minute=profile.price_per_minute,
+            currency=profile.currency)
+        requested = time.monotonic()
+        requested_at = datetime.now(UTC)
+        try:
+            vendor = await provider.start(request)
+        except BaseException as exc:
+            # The adapter ended anything it created before raising: nothing is billed.
+            await asyncio.shield(kit._ledger.mark_failed(row.row_id, reason=_describe(exc)))
+            raise
+        # Vendors bill from the create call; count from when it was sent (never less).
+        vendor.billing_started_at = min(vendor.billing_started_at, requested)
+        try:
+            await kit._ledger.mark_open(row.row_id, vendor_session_id=vendor.vendor_session_id,
+                                        billing_started_at=requested_at)
+        except BaseException:
+            await asyncio.shield(self._end_quietly(vendor))
+            raise
+        kit._health.record_success(name, latency_ms=(time.monotonic() - requested) * 1000)
+        return _Attempt(name, profile, vendor, row.row_id, disclosure)
+
+    async def _end_quietly(self, vendor: ProviderSession) -> None:
+        with contextlib.suppress(ProviderError, TimeoutError):
+            async with asyncio.timeout(self._close_timeout):
+                await vendor.end()
+
+    def _attach(self, attempt: _Attempt) -> None:
+        """Make ``attempt`` the live vendor session: its audio format, notice and signals."""
+        self._current = attempt
+        self._attempts.append(attempt)
+        self._resampler = AudioResampler(attempt.profile.audio_format)
+        self._notice = self._kit._sign_disclosure(attempt.disclosure)
+        self._send_failures = 0
+        self._pump = asyncio.create_task(self._pump_signals(attempt.vendor),
+                                         name=f"{self.session_id}-pump")
+
     def _record(self, kind: str, **fields: object) -> GenerationRecord:
         from .consent.store import GenerationRecord
 
         verified = self._verified
+        current = self._current
         return GenerationRecord.model_validate({
             "generation_id": self.generation_id, "kind": kind,
             "consent_id": verified.consent_id if verified else None,
             "token_sha256": verified.token_sha256 if verified else None,
             "purpose": self.purpose, "channel": "live", "avatar": self.avatar.name,
-            "provider": self._vendor.provider if self._vendor else None,
-            "label": None if self._disclosure_metadata is None
-            else self._disclosure_metadata.label_policy == "burned-in",
+            "provider": current.provider if current else None,
+            "label": None if current is None
+            else current.disclosure.label_policy == "burned-in",
             **fields,
         })
 
@@ -328,11 +536,187 @@ class AvatarSession:
                         else "revoked"))
                 logger.warning("session %s: consent %s no longer holds (%s); ending",
                                self.session_id, verified.consent_id, exc.check)
-                if self._close_task is None:
-                    self._close_task = asyncio.create_task(
-                        self._do_close(f"consent {exc.check}"), name=f"{self.session_id}-close")
+                self._close_soon(f"consent {exc.check}")
                 return
             await gate.log(self._record("status_check", status_check=status.name.lower()))
+
+    def _close_soon(self, reason: str) -> None:
+        """Close from a task of its own (the caller may be a task that closing awaits)."""
+        if self._close_task is None:
+            self._close_task = asyncio.create_task(self._do_close(reason),
+                                                   name=f"{self.session_id}-close")
+
+    # -- metering and budgets ----------------------------------------------------------------
+
+    def _usage(self) -> tuple[float, Decimal | None, float]:
+        """(billed seconds, cost of the priced part or None, unpriced seconds)."""
+        seconds = unpriced = 0.0
+        cost: Decimal | None = None
+        for attempt in self._attempts:
+            billed = attempt.vendor.billed_seconds
+            seconds += billed
+            part = attempt.cost()
+            if part is None:
+                unpriced += billed
+            else:
+                cost = part if cost is None else cost + part
+        return seconds, cost, unpriced
+
+    def _usage_event(self, *, final: bool) -> UsageUpdated:
+        seconds, cost, unpriced = self._usage()
+        current = self._current
+        return UsageUpdated(
+            session_id=self.session_id, provider=current.provider if current else "",
+            billed_seconds=seconds, cost=cost,
+            currency=current.profile.currency if current else "USD",
+            unpriced_seconds=unpriced, final=final)
+
+    async def _run_meter(self) -> None:
+        """``UsageUpdated`` every ``[metering] usage_interval_s``; with budgets, a check every
+        ``check_interval_s`` (sooner as a cap nears) that warns at ``warn_at`` and ends the
+        session ``end_margin_s`` before the first cap it would cross."""
+        interval = self._kit.config.metering.usage_interval_s
+        guard = self._kit._budget
+        last_report = time.monotonic()
+        while True:
+            wait = interval - (time.monotonic() - last_report)
+            current = self._current
+            if guard is not None and current is not None:
+                seconds, cost, _ = self._usage()
+                status = await guard.status(
+                    profile=current.profile, tenant=self.tenant, session_cap=self._rules.budget,
+                    own_seconds=seconds, own_cost=cost or Decimal(0), starting=False)
+                margin = guard.config.end_margin_s
+                for cap in status.caps:
+                    if cap.fraction >= guard.config.warn_at and cap.name not in self._warned:
+                        self._warned.add(cap.name)
+                        self._publish(BudgetWarning(
+                            session_id=self.session_id, cap=cap.name, unit=cap.unit,
+                            used=cap.used.quantize(Decimal("0.0001")), limit=cap.limit,
+                            ends_in_s=max(0.0, cap.seconds_left - margin)))
+                binding = status.binding
+                if binding is not None and binding.seconds_left <= margin:
+                    logger.warning("session %s: ending before budget cap %s (%.4f of %s)",
+                                   self.session_id, binding.name, binding.used, binding.limit)
+                    self._close_soon(f"budget: {binding.name}")
+                    return
+                if binding is not None:
+                    wait = min(wait, guard.config.check_interval_s,
+                               max(0.01, binding.seconds_left - margin))
+            await asyncio.sleep(max(0.0, wait))
+            if time.monotonic() - last_report >= interval:
+                last_report = time.monotonic()
+                self._publish(self._usage_event(final=False))
+
+    # -- failover ----------------------------------------------------------------------------
+
+    def _start_failover(self, dead: _Attempt, reason: str,
+                        error: ProviderError | None) -> asyncio.Task[None]:
+        if self._failover_task is None or self._failover_task.done():
+            self._failover_task = asyncio.create_task(
+                self._failover(dead, reason, error), name=f"{self.session_id}-failover")
+        return self._failover_task
+
+    async def _failover(self, dead: _Attempt, reason: str, error: ProviderError | None) -> None:
+        """Move the session from ``dead`` to the next allowed provider, replaying the unplayed
+        audio; close the session when no provider is left."""
+        async with self._switch_lock:
+            if self._current is not dead or self._state is not SessionState.LIVE:
+                return
+            logger.warning("session %s: %s session %s died (%s); failing over", self.session_id,
+                           dead.provider, dead.vendor.vendor_session_id, reason)
+            self._kit._health.record_failure(
+                dead.provider, error or ProviderConnectionError(reason, provider=dead.provider))
+            self._failed_providers.add(dead.provider)
+            if self._pump is not None and self._pump is not asyncio.current_task():
+                self._pump.cancel()
+            # A dropped channel may leave the old session open (and billed): end it first.
+            await self._retire(dead, f"failover: {reason}")
+            if self._ack is not None and not self._ack.done():
+                self._ack.cancel()
+            try:
+                assert self._verified is not None
+                decision = await self._routed(self._verified)
+                attempt = await self._open_ranked(decision.ranked)
+            except (AvatarKitError, ExceptionGroup) as exc:
+                logger.error("session %s: failover found no provider: %s", self.session_id, exc)
+                self._vendor_failure = VendorSessionEnded(reason=reason, billing_stopped=True,
+                                                          error=error)
+                self._close_soon(f"vendor: {reason}; failover failed: {_describe(exc)}")
+                return
+            self._route = decision
+            self._attach(attempt)
+            replayed = await self._replay(attempt)
+        await self._kit._consent_gate().log(self._record(
+            "provider_switched", details={"from": dead.provider, "to": attempt.provider,
+                                          "reason": reason}))
+        assert self._notice is not None
+        self._publish(ProviderSwitched(
+            session_id=self.session_id, from_provider=dead.provider, to_provider=attempt.provider,
+            reason=reason, join=attempt.vendor.join.model_copy(
+                update={"disclosure_notice": self._notice}),
+            vendor_session_id=attempt.vendor.vendor_session_id, replayed_seconds=replayed))
+        logger.info("session %s: switched from %s to %s (%s), %.2f s replayed", self.session_id,
+                    dead.provider, attempt.provider, attempt.vendor.vendor_session_id, replayed)
+
+    async def _replay(self, attempt: _Attempt) -> float:
+        """Send the unplayed part of every unfinished utterance to the new provider (the
+        oldest from where playback got to, later ones whole). Returns seconds replayed."""
+        now = time.monotonic()
+        replayed = 0.0
+        resampler = self._resampler
+        assert resampler is not None
+        for index, utterance in enumerate(list(self._unfinished.values())):
+            position = utterance.estimated_position(now) if index == 0 else utterance.offset
+            position = max(position, utterance.dropped_seconds)
+            chunks = utterance.unplayed(position)
+            utterance.offset = position
+            utterance.sent_seconds = 0.0
+            utterance.playback_started_at = None
+            utterance.first_sent_at = now if chunks else None
+            try:
+                for chunk in chunks:
+                    converted = resampler.process(chunk)
+                    utterance.sent_seconds += chunk.duration
+                    replayed += chunk.duration
+                    if converted.num_frames:
+                        await attempt.vendor.send_audio(converted, utterance_id=utterance.id)
+                if utterance is not self._sending:  # finished sending before the switch
+                    tail = resampler.flush()
+                    if tail.num_frames:
+                        await attempt.vendor.send_audio(tail, utterance_id=utterance.id)
+                    await attempt.vendor.end_utterance(utterance_id=utterance.id)
+            except ProviderError as exc:
+                logger.warning("session %s: replay to %s failed: %s", self.session_id,
+                               attempt.provider, exc)
+                break
+        return replayed
+
+    async def _retire(self, attempt: _Attempt, reason: str) -> BaseException | None:
+        """End ``attempt`` at its vendor (within the close timeout) and close its ledger row.
+        Returns the failure when the vendor could not confirm (the row then stays open)."""
+        vendor = attempt.vendor
+        failure: BaseException | None = None
+        try:
+            async with asyncio.timeout(self._close_timeout):
+                await vendor.end()
+        except (ProviderError, TimeoutError) as exc:
+            logger.warning("session %s: ending %s session %s failed: %s", self.session_id,
+                           attempt.provider, vendor.vendor_session_id, exc)
+            failure = exc
+        if vendor.ended and not attempt.recorded_end:
+            attempt.recorded_end = True
+            ended_at = datetime.now(UTC)
+            try:
+                await self._kit._ledger.mark_ended(
+                    attempt.row_id, ended_at=ended_at, billed_seconds=vendor.billed_seconds,
+                    cost=attempt.cost(), reason=reason)
+            except AvatarKitError as exc:  # the vendor end stands; the reaper sees the row
+                logger.error("session %s: could not record the end of %s: %s",
+                             self.session_id, attempt.row_id, exc)
+        return failure
+
+    # -- closing ------------------------------------------------------------------------------
 
     async def aclose(self) -> None:
         """Close the session: end it at the vendor, stop every task. Safe to call again.
@@ -367,27 +751,21 @@ class AvatarSession:
         # Shielded: cancelling the caller must not abandon a half-done vendor end.
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(self._close_task)
-        if self._vendor is None or self._vendor.ended:
+        unended = [a for a in self._attempts if not a.vendor.ended]
+        if not unended:
             return
-        error = await self._end_vendor() if retry else self._end_failure
+        error = self._end_failure
+        if retry:
+            error = None
+            for attempt in unended:
+                error = await self._retire(attempt, "closed") or error
         if error is None:
             return
+        vendor = unended[-1].vendor
         if raise_vendor_error:
-            raise _end_error(self._vendor, error) from error
+            raise _end_error(vendor, error) from error
         logger.error("session %s: vendor session %s may still be open: %s",
-                     self.session_id, self._vendor.vendor_session_id, error)
-
-    async def _end_vendor(self) -> BaseException | None:
-        """End the vendor session within the close timeout; the failure, or None."""
-        assert self._vendor is not None
-        try:
-            async with asyncio.timeout(self._close_timeout):
-                await self._vendor.end()
-        except (ProviderError, TimeoutError) as exc:
-            logger.warning("session %s: ending %s session %s failed: %s", self.session_id,
-                           self._vendor.provider, self._vendor.vendor_session_id, exc)
-            return exc
-        return None
+                     self.session_id, vendor.vendor_session_id, error)
 
     async def _do_close(self, reason: str) -> None:
         if self._state is SessionState.CLOSED:
@@ -397,36 +775,38 @@ class AvatarSession:
             await self._start_finished.wait()
         elif self._state is not SessionState.CLOSING:
             self._transition(SessionState.CLOSING)
-        for task in (self._pump, self._consent_watch):
-            if task is not None and task is not asyncio.current_task():
+        me = asyncio.current_task()
+        for task in (self._failover_task, self._pump, self._consent_watch, self._meter):
+            if task is not None and task is not me and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._pump = self._consent_watch = None
+        self._pump = self._consent_watch = self._meter = self._failover_task = None
         if self._ack is not None and not self._ack.done():
             self._ack.cancel()
-        if self._vendor is not None:
-            self._end_failure = await self._end_vendor()
+        self._end_failure = None
+        for attempt in self._attempts:
+            if not attempt.vendor.ended or not attempt.recorded_end:
+                self._end_failure = await self._retire(attempt, reason) or self._end_failure
         if self._vendor_failure is not None and reason == "closed":
             reason = f"vendor: {self._vendor_failure.reason}"
-        if self._verified is not None and self._vendor is not None:
+        if self._verified is not None and self._current is not None:
             await self._kit._consent_gate().log(self._record("session_ended", details={
-                "reason": reason, "billed_seconds": round(self._vendor.billed_seconds, 3),
-                "vendor_ended": self._vendor.ended}))
+                "reason": reason, "billed_seconds": round(self.billed_seconds, 3),
+                "vendor_ended": all(a.vendor.ended for a in self._attempts),
+                "providers": ",".join(self.providers_used)}))
         self._finish_close(reason=reason, error=self._end_failure)
 
     def _finish_close(self, *, reason: str, error: BaseException | None) -> None:
-        vendor = self._vendor
-        if vendor is not None:
-            self._publish(UsageUpdated(
-                session_id=self.session_id, provider=vendor.provider,
-                billed_seconds=vendor.billed_seconds, cost=self._cost(vendor.billed_seconds)))
+        current = self._current
+        if current is not None:
+            self._publish(self._usage_event(final=True))
         self._publish(Closed(
             session_id=self.session_id,
             reason=reason,
-            provider=vendor.provider if vendor else None,
-            billed_seconds=vendor.billed_seconds if vendor else None,
-            vendor_ended=vendor.ended if vendor else True,
+            provider=current.provider if current else None,
+            billed_seconds=self.billed_seconds if current else None,
+            vendor_ended=all(a.vendor.ended for a in self._attempts),
             error=str(error) if error else None,
         ))
         self._transition(SessionState.CLOSED)
@@ -439,41 +819,73 @@ class AvatarSession:
     async def send_audio(self, chunk: AudioChunk) -> None:
         """Send audio for the avatar to speak. Any supported rate and channel count: it is
         converted to what the provider wants. Consecutive calls form one utterance until
-        ``end_utterance()`` or ``interrupt()``."""
-        vendor = self._live_vendor("send_audio()")
+        ``end_utterance()`` or ``interrupt()``. During a failover it waits for the switch."""
         if not isinstance(chunk, AudioChunk):
             raise MediaFormatError(f"got {type(chunk).__name__}", field="chunk",
                                    expected="an AudioChunk (AudioChunk.from_pcm16(...))")
-        utterance = self._sending
-        if utterance is None:
-            utterance = self._sending = _Utterance(id=f"utt_{uuid.uuid4().hex[:16]}")
-            self._unfinished[utterance.id] = utterance
-        assert self._resampler is not None
-        converted = self._resampler.process(chunk)
-        if utterance.first_sent_at is None:
-            utterance.first_sent_at = time.monotonic()
-        utterance.sent_seconds += chunk.duration
-        if converted.num_frames:
-            await vendor.send_audio(converted, utterance_id=utterance.id)
+        failure: ProviderError | None = None
+        async with self._switch_lock:
+            current = self._live_attempt("send_audio()")
+            utterance = self._sending
+            if utterance is None:
+                utterance = self._sending = _Utterance(id=f"utt_{uuid.uuid4().hex[:16]}")
+                self._unfinished[utterance.id] = utterance
+            assert self._resampler is not None
+            converted = self._resampler.process(chunk)
+            if utterance.first_sent_at is None:
+                utterance.first_sent_at = time.monotonic()
+            utterance.sent_seconds += chunk.duration
+            if self._rules.failover:
+                utterance.keep(chunk, self._kit.config.session.replay_buffer_s)
+            if converted.num_frames:
+                try:
+                    await current.vendor.send_audio(converted, utterance_id=utterance.id)
+                except ProviderError as exc:
+                    failure = exc
+                else:
+                    self._send_failures = 0
+        if failure is not None:
+            await self._after_send_failure(current, utterance, chunk, failure)
+
+    async def _after_send_failure(self, attempt: _Attempt, utterance: _Utterance,
+                                  chunk: AudioChunk, error: ProviderError) -> None:
+        """A send to ``attempt`` failed. If the session moves (or already moved) to another
+        provider, the chunk is part of the replay and nothing is lost; otherwise it is
+        dropped from the replay buffer and the error raised."""
+        task = self._failover_task
+        if self._current is attempt and (task is None or task.done()):
+            self._send_failures += 1
+            limit = self._kit.config.session.failover_after_send_failures
+            if self._rules.failover and self._send_failures >= limit:
+                task = self._start_failover(
+                    attempt, f"{self._send_failures} consecutive send failures", error)
+        if task is not None and not task.done():
+            await asyncio.shield(task)
+        if self._current is not attempt and self._state is SessionState.LIVE:
+            return  # switched: the replay carried this chunk
+        utterance.forget_last(chunk)
+        raise error
 
     async def end_utterance(self) -> None:
         """Mark the end of the current utterance; the avatar finishes speaking it."""
-        vendor = self._live_vendor("end_utterance()")
-        utterance, self._sending = self._sending, None
-        if utterance is None:
-            return
-        assert self._resampler is not None
-        tail = self._resampler.flush()
-        if tail.num_frames:
-            await vendor.send_audio(tail, utterance_id=utterance.id)
-        utterance.send_finished = True
-        await vendor.end_utterance(utterance_id=utterance.id)
+        async with self._switch_lock:
+            vendor = self._live_attempt("end_utterance()").vendor
+            utterance, self._sending = self._sending, None
+            if utterance is None:
+                return
+            assert self._resampler is not None
+            tail = self._resampler.flush()
+            utterance.send_finished = True
+            if tail.num_frames:
+                await vendor.send_audio(tail, utterance_id=utterance.id)
+            await vendor.end_utterance(utterance_id=utterance.id)
 
     async def interrupt(self) -> float:
         """Stop the avatar now and drop unplayed audio. Returns the playback position (seconds
         into the interrupted utterance). Waits at most ``interrupt_ack_timeout`` for the
         vendor's acknowledgement, then returns an estimate: it never hangs."""
-        vendor = self._live_vendor("interrupt()")
+        async with self._switch_lock:
+            vendor = self._live_attempt("interrupt()").vendor
         now = time.monotonic()
         target = self._sending or self._latest_unfinished()
         self._sending = None
@@ -492,12 +904,16 @@ class AvatarSession:
         except TimeoutError:
             logger.warning("session %s: %s did not acknowledge the interrupt within %.1f s",
                            self.session_id, vendor.provider, self.interrupt_ack_timeout)
+        except asyncio.CancelledError:
+            if self._ack is not ack or not ack.cancelled():
+                raise
+            # a failover or close cancelled the wait: report our estimate
         except ProviderError as exc:
             logger.warning("session %s: interrupt not delivered: %s", self.session_id, exc)
         finally:
             self._ack = self._ack_target = None
         if acknowledged is not None and acknowledged.duration is not None:
-            position = acknowledged.duration
+            position = target.offset + acknowledged.duration
         else:
             position = target.estimated_position(now)
         self._unfinished.pop(target.id, None)
@@ -536,16 +952,20 @@ class AvatarSession:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _live_vendor(self, what: str) -> ProviderSession:
-        if self._vendor is not None and self._vendor_failure is not None:
+    def _live_attempt(self, what: str) -> _Attempt:
+        current = self._current
+        if current is not None and self._vendor_failure is not None:
             # The vendor side died: say so with its typed error, not just "closed".
             failure = self._vendor_failure
             raise failure.error or ProviderConnectionError(
-                f"the vendor session ended: {failure.reason}", provider=self._vendor.provider
+                f"the vendor session ended: {failure.reason}", provider=current.provider
             )
-        if self._state is not SessionState.LIVE or self._vendor is None:
+        if self._state is not SessionState.LIVE or current is None:
             raise SessionStateError(f"{what} needs a live session; this one is {self._state}")
-        return self._vendor
+        return current
+
+    def _live_vendor(self, what: str) -> ProviderSession:
+        return self._live_attempt(what).vendor
 
     def _latest_unfinished(self) -> _Utterance | None:
         return next(reversed(self._unfinished.values()), None)
@@ -564,13 +984,6 @@ class AvatarSession:
             label_policy=policy,
         )
 
-    def _cost(self, billed_seconds: float) -> Decimal | None:
-        price = self._profile.price_per_minute if self._profile else None
-        if price is None:
-            return None
-        minutes = Decimal(str(round(billed_seconds, 3))) / Decimal(60)
-        return (minutes * price).quantize(Decimal("0.000001"))
-
     def _publish(self, event: SessionEvent) -> None:
         self._history.append(event)
         for queue in self._subscribers:
@@ -588,15 +1001,15 @@ class AvatarSession:
             elif isinstance(signal, PlaybackFinished):
                 self._on_playback_finished(vendor, signal)
             elif isinstance(signal, VendorSessionEnded):
-                self._vendor_failure = signal
+                current = self._current
                 logger.warning("session %s: %s session ended on the vendor side: %s",
                                self.session_id, vendor.provider, signal.reason)
-                # Close from its own task (closing awaits this pump, which returns now).
-                if self._close_task is None:
-                    self._close_task = asyncio.create_task(
-                        self._do_close(f"vendor: {signal.reason}"),
-                        name=f"{self.session_id}-close",
-                    )
+                if (signal.recoverable and self._rules.failover and current is not None
+                        and current.vendor is vendor and self._state is SessionState.LIVE):
+                    self._start_failover(current, signal.reason, signal.error)
+                    return
+                self._vendor_failure = signal
+                self._close_soon(f"vendor: {signal.reason}")
                 return
 
     def _on_playback_finished(self, vendor: ProviderSession, signal: PlaybackFinished) -> None:
@@ -607,13 +1020,20 @@ class AvatarSession:
             utterance = self._unfinished.get(utterance_id)
             if utterance is not None and (utterance.send_finished or signal.interrupted):
                 del self._unfinished[utterance_id]
+            duration = signal.duration
+            if duration is not None and utterance is not None:
+                duration += utterance.offset
             self._publish(SpeechEnded(session_id=self.session_id, utterance_id=utterance_id,
-                                      provider=vendor.provider, duration=signal.duration,
+                                      provider=vendor.provider, duration=duration,
                                       interrupted=signal.interrupted))
         if self._ack is not None and not self._ack.done() and (
             signal.interrupted or utterance_id == self._ack_target
         ):
             self._ack.set_result(signal)
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 def _version() -> str:

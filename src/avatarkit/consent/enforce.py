@@ -66,10 +66,11 @@ class ConsentRouteConstraint:
 
     def exclusion(self, provider: str, profile: ProviderProfile, avatar_id: str) -> str | None:
         v = self._verified
-        if not v.allows_provider(provider):
-            return f"consent {v.consent_id} does not allow provider {provider}"
-        if not v.allows_vendor_id(provider, avatar_id):
-            return f"consent {v.consent_id} does not cover {provider} id {avatar_id}"
+        vendor = profile.vendor or provider  # consent names vendors; a section may alias one
+        if not v.allows_provider(vendor):
+            return f"consent {v.consent_id} does not allow provider {vendor}"
+        if not v.allows_vendor_id(vendor, avatar_id):
+            return f"consent {v.consent_id} does not cover {vendor} id {avatar_id}"
         regions = profile.regions
         if regions is None:
             if not v.allows_region(None):

@@ -84,7 +84,7 @@ _SCHEMA_VERSION = 1
 LedgerKind = Literal["granted", "revoked", "suspended", "reinstated"]
 GenerationKind = Literal[
     "session_started", "status_check", "consent_refused", "output", "label_disabled",
-    "session_ended",
+    "session_ended", "provider_switched",
 ]
 
 _STATUS_OF_KIND: dict[str, TokenStatus] = {
@@ -171,7 +171,8 @@ class GenerationRecord(BaseModel):
     A session or render is one ``generation_id``; it logs ``session_started``, each
     ``status_check`` (with its result in ``status_check``), a ``consent_refused`` when the
     consent check said no, every ``output`` with its SHA-256(s) and watermark payload, a
-    ``label_disabled`` if the visible AI label was switched off, and ``session_ended``.
+    ``label_disabled`` if the visible AI label was switched off, ``provider_switched`` when a
+    failover moved it to another provider, and ``session_ended``.
     ``seq``, ``prev_hash`` and ``entry_hash`` are set by the store; they are ``None`` on a
     record that has not been logged yet.
     """

@@ -50,7 +50,12 @@ class ProviderSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    kind: str | None = Field(
+        default=None, description="The adapter, when the section's name is not one: "
+        "[providers.tavus-eu] kind = \"tavus\" configures a second Tavus account or plan.")
     enabled: bool = True
+    plan: str | None = Field(default=None, description="Your plan at the vendor, recorded "
+                             "with usage (price_per_minute is that plan's price).")
     api_key: SecretStr | None = None
     base_url: str | None = None
     price_per_minute: Decimal | None = Field(
@@ -92,6 +97,9 @@ class ProviderProfile(BaseModel):
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
     name: str
+    vendor: str | None = Field(
+        default=None, description="The adapter (vendor) behind the name: 'tavus' for a "
+        "[providers.tavus-eu] section of kind tavus. None means the same as name.")
     capabilities: Capabilities
     audio_format: AudioFormat
     price_per_minute: Decimal | None = None
@@ -141,12 +149,15 @@ class VendorSessionEnded:
     """The vendor ended the session or the channel to it died.
 
     ``billing_stopped`` tells whether the vendor stopped billing (a vendor-side end) or the
-    session may still be open and billed there (a dropped channel).
+    session may still be open and billed there (a dropped channel). ``recoverable`` is False
+    when the vendor ended it on purpose (its max duration, an idle or no-show timeout):
+    failing over to another provider would only restart the meter.
     """
 
     reason: str
     billing_stopped: bool
     error: ProviderError | None = None
+    recoverable: bool = True
 
 
 ProviderSignal = PlaybackStarted | PlaybackFinished | VendorSessionEnded
@@ -242,16 +253,21 @@ class ProviderSession(ABC):
 class Provider(ABC):
     """A rendering provider: holds its settings and starts sessions.
 
-    Subclasses set ``name`` (the registry key), optionally ``aliases`` and ``settings_model``.
+    Subclasses set ``name`` (the registry key: the adapter), optionally ``aliases`` and
+    ``settings_model``. ``instance_name`` is the name it is configured under, which differs
+    from ``name`` when one adapter serves several sections (``[providers.tavus-eu] kind =
+    "tavus"``); events, errors, routing and usage use ``instance_name``.
     """
 
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
     settings_model: ClassVar[type[ProviderSettings]] = ProviderSettings
 
-    def __init__(self, settings: ProviderSettings, *, http: httpx.AsyncClient) -> None:
+    def __init__(self, settings: ProviderSettings, *, http: httpx.AsyncClient,
+                 instance_name: str | None = None) -> None:
         self.settings = settings
         self._http_client = http
+        self.instance_name = instance_name or self.name
 
     @property
     @abstractmethod
@@ -262,6 +278,22 @@ class Provider(ABC):
     async def start(self, request: SessionRequest) -> ProviderSession:
         """Start a vendor session. On any failure after the vendor created something, the
         adapter ends it before raising: no half-created sessions."""
+
+    async def probe(self) -> None:  # noqa: B027  (optional hook, not abstract)
+        """A cheap, unbilled, authenticated call that says the vendor answers (health recovery
+        probes). Raise ``ProviderError`` when it does not. The default does nothing: a
+        provider without a probe is retried by traffic once its cooldown ends."""
+
+    async def end_session(self, vendor_session_id: str) -> None:
+        """End a vendor session by its id, from any process (the reaper ends sessions whose
+        owner died). Ending one that is already over is not an error."""
+        raise CapabilityError(f"{self.instance_name} cannot end sessions by id")
+
+    async def find_session(self, *, session_id: str, idempotency_key: str) -> str | None:
+        """The vendor id of a still-open session started for ``session_id``, if the vendor can
+        be asked (the reaper uses it when a process died between the create call and
+        recording its answer). None when there is none or the vendor cannot tell."""
+        return None
 
     def _build_profile(
         self,
@@ -275,7 +307,8 @@ class Provider(ABC):
         """Profile from the adapter's facts, with the operator's settings taking precedence."""
         s = self.settings
         return ProviderProfile(
-            name=self.name,
+            name=self.instance_name,
+            vendor=self.name,
             capabilities=capabilities,
             audio_format=audio_format,
             price_per_minute=s.price_per_minute,
@@ -300,4 +333,4 @@ class Provider(ABC):
         await self.aclose()
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name!r}>"
+        return f"<{type(self).__name__} {self.instance_name!r}>"

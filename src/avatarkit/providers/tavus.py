@@ -16,6 +16,7 @@ import base64
 import contextlib
 import json
 import logging
+import re
 from typing import Any, Literal
 
 import httpx
@@ -45,6 +46,11 @@ logger = logging.getLogger("avatarkit.providers.tavus")
 SAMPLE_RATE = 24_000
 _BYTES_PER_MS = SAMPLE_RATE * 2 // 1000
 MAX_CALL_DURATION = 3600
+
+
+# Shutdown reasons that are Tavus doing what it was told (our max_call_duration, its
+# participant timeouts): another provider would not help, so no failover.
+_DELIBERATE_END = re.compile(r"max_call_duration|timeout|test_mode", re.IGNORECASE)
 
 
 class TavusConversationProperties(BaseModel):
@@ -88,23 +94,24 @@ class TavusProvider(Provider):
     name = "tavus"
     settings_model = TavusSettings
 
-    def __init__(self, settings: ProviderSettings, *, http: httpx.AsyncClient) -> None:
-        super().__init__(settings, http=http)
+    def __init__(self, settings: ProviderSettings, *, http: httpx.AsyncClient,
+                 instance_name: str | None = None) -> None:
+        super().__init__(settings, http=http, instance_name=instance_name)
         assert isinstance(settings, TavusSettings)
         self.settings: TavusSettings = settings
         if settings.channel == "daily" and not DailyChannel.available():
             raise ConfigError(
                 "channel 'daily' needs daily-python: pip install 'avatarkit[daily]' "
                 "(or set channel = \"websocket\" for the emulator)",
-                field="providers.tavus.channel",
+                field=f"providers.{self.instance_name}.channel",
             )
         api_key = settings.api_key
         if api_key is None:
             raise ConfigError("required (e.g. api_key = \"env:TAVUS_API_KEY\")",
-                              field="providers.tavus.api_key")
+                              field=f"providers.{self.instance_name}.api_key")
         assert settings.base_url is not None
         self.api = VendorHttp(
-            provider=self.name,
+            provider=self.instance_name,
             client=http,
             base_url=settings.base_url,
             auth_headers=lambda: {"x-api-key": api_key.get_secret_value()},
@@ -147,7 +154,7 @@ class TavusProvider(Provider):
                 data = await self.api.request_json("POST", "/v2/personas", json=body)
                 pal_id = data.get("persona_id")
             if not isinstance(pal_id, str) or not pal_id:
-                raise ProviderError("PAL create returned no id", provider=self.name,
+                raise ProviderError("PAL create returned no id", provider=self.instance_name,
                                     retryable=False)
             self._echo_pals[face_id] = pal_id
             return pal_id
@@ -176,12 +183,12 @@ class TavusProvider(Provider):
         url = data.get("conversation_url")
         if not isinstance(conversation_id, str) or not isinstance(url, str):
             raise ProviderError("conversation create returned no conversation_id/url",
-                                provider=self.name, retryable=False)
+                                provider=self.instance_name, retryable=False)
         # Billing runs from here: every failure below must end the conversation.
         try:
             if data.get("status") == "ended":
                 raise ProviderError(f"conversation {conversation_id} was created ended "
-                                    "(test_mode?)", provider=self.name, retryable=False)
+                                    "(test_mode?)", provider=self.instance_name, retryable=False)
             token = data.get("meeting_token")
             channel = self._new_channel()
             await channel.connect(url, token if isinstance(token, str) else None)
@@ -191,6 +198,28 @@ class TavusProvider(Provider):
         join = JoinInfo(kind="daily", url=url, token=token if isinstance(token, str) else None,
                         disclosure=request.disclosure)
         return TavusSession(self, conversation_id=conversation_id, join=join, channel=channel)
+
+    async def probe(self) -> None:
+        # Listing ended conversations is authenticated, unbilled and cheap.
+        await self.api.request_json("GET", "/v2/conversations",
+                                    params={"status": "ended", "limit": "1"})
+
+    async def end_session(self, vendor_session_id: str) -> None:
+        await self._end_conversation(vendor_session_id)
+
+    async def find_session(self, *, session_id: str, idempotency_key: str) -> str | None:
+        # The create call names the conversation after the session: find it among the
+        # active ones (a process may have died before it recorded the conversation id).
+        name = f"{self.settings.conversation_name} {session_id}"
+        data = await self.api.request_json("GET", "/v2/conversations",
+                                           params={"status": "active"})
+        items = data.get("data")
+        for item in items if isinstance(items, list) else []:
+            if isinstance(item, dict) and item.get("conversation_name") == name:
+                conversation_id = item.get("conversation_id")
+                if isinstance(conversation_id, str):
+                    return conversation_id
+        return None
 
     async def _end_conversation(self, conversation_id: str) -> None:
         try:
@@ -210,7 +239,8 @@ class TavusSession(ProviderSession):
         join: JoinInfo,
         channel: AppMessageChannel,
     ) -> None:
-        super().__init__(provider=provider.name, vendor_session_id=conversation_id, join=join)
+        super().__init__(provider=provider.instance_name, vendor_session_id=conversation_id,
+                         join=join)
         self._provider = provider
         self._channel = channel
         self._chunk_bytes = provider.settings.chunk_ms * _BYTES_PER_MS
@@ -299,9 +329,9 @@ class TavusSession(ProviderSession):
             self._interrupting = False
         elif event == "system.shutdown":
             self._vendor_stopped_billing()
-            reason = properties.get("reason")
-            self._emit(VendorSessionEnded(reason=str(reason or "ended by Tavus"),
-                                          billing_stopped=True))
+            reason = str(properties.get("reason") or "ended by Tavus")
+            self._emit(VendorSessionEnded(reason=reason, billing_stopped=True,
+                                          recoverable=not _DELIBERATE_END.search(reason)))
 
     async def _end_at_vendor(self) -> None:
         self._closing = True

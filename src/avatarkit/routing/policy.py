@@ -20,6 +20,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..metering.budget import BudgetCap
+
 __all__ = ["Capability", "Metric", "ObjectiveWeights", "RoutingPolicy"]
 
 #: capability names a policy can require (fields of ``Capabilities`` that are booleans)
@@ -70,6 +72,9 @@ class RoutingPolicy(BaseModel):
     # -- behaviour -----------------------------------------------------------------------------
     fallback: bool = Field(default=True, description="Try the next candidate if start fails.")
     failover: bool = Field(default=True, description="Switch provider if a live session dies.")
+    budget: BudgetCap | None = Field(
+        default=None, description="Per-session cap for sessions under this policy (with "
+        "[budgets.session], the tighter one binds).")
 
     @model_validator(mode="after")
     def _coherent(self) -> RoutingPolicy:
