@@ -38,9 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "bench-key"
 
 
-def start_emulator() -> tuple[subprocess.Popen[str], str]:
+def start_emulator(max_concurrent: int = 10) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "avatarkit.cli", "emulate", "tavus", "--api-key", API_KEY],
+        [sys.executable, "-m", "avatarkit.cli", "emulate", "tavus", "--api-key", API_KEY,
+         "--max-concurrent", str(max_concurrent)],
         stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()

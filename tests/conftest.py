@@ -42,14 +42,38 @@ ECHO_PAL = "p_echo_amelia"
 FAST_RETRY = {"max_retries": 3, "initial_backoff": 0.01, "max_backoff": 0.05}
 
 
-@pytest.fixture
-async def tavus_emulator() -> AsyncIterator[TavusEmulator]:
+async def serve_tavus(label: str) -> AsyncIterator[TavusEmulator]:
+    """A Tavus emulator knowing the test faces; fails the test if a session is left open."""
     emulator = TavusEmulator(api_keys=[API_KEY], faces=[FACE, "r_bob"])
     emulator.add_pal(ECHO_PAL, FACE)
     async with emulator:
         yield emulator
         leaked = emulator.open_sessions
-        assert leaked == 0, f"the test left {leaked} vendor session(s) open at the emulator"
+        assert leaked == 0, f"the test left {leaked} vendor session(s) open at {label}"
+
+
+@pytest.fixture
+async def tavus_emulator() -> AsyncIterator[TavusEmulator]:
+    async for emulator in serve_tavus("the emulator"):
+        yield emulator
+
+
+def tavus_toml(emulator: TavusEmulator, *extra: str) -> str:
+    """``[providers.tavus]`` and ``[avatars.amelia]`` for a config file (``extra`` lines go
+    into the provider section)."""
+    lines = "\n".join(extra)
+    return f"""
+[providers.tavus]
+api_key = "{API_KEY}"
+base_url = "{emulator.url}"
+channel = "websocket"
+pal_id = "{ECHO_PAL}"
+price_per_minute = "0.30"
+{lines}
+
+[avatars.amelia]
+tavus = "{FACE}"
+"""
 
 
 KitFactory = Callable[..., AvatarKit]
@@ -111,6 +135,7 @@ def make_kit(tavus_emulator: TavusEmulator, consent_authority: ConsentAuthority)
     def factory(**tavus: Any) -> AvatarKit:
         session = tavus.pop("session", {})
         consent = consent_config(**tavus.pop("consent", {}))
+        metering = {"ledger": ":memory:", **tavus.pop("metering", {})}
         settings: dict[str, Any] = {
             "api_key": API_KEY,
             "base_url": tavus_emulator.url,
@@ -123,7 +148,7 @@ def make_kit(tavus_emulator: TavusEmulator, consent_authority: ConsentAuthority)
         settings = {k: v for k, v in settings.items() if v is not None}
         return AvatarKit(KitConfig(providers={"tavus": settings},
                                    avatars={"amelia": {"tavus": FACE}, "bob": {"tavus": "r_bob"}},
-                                   session=session, consent=consent),
+                                   session=session, consent=consent, metering=metering),
                          status_source=consent_authority.source,
                          consent_store=consent_authority.store)
 
@@ -170,3 +195,60 @@ def sdk_tasks(before: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
             continue
         leftover.append(task)
     return leftover
+
+
+@pytest.fixture
+async def tavus_b() -> AsyncIterator[TavusEmulator]:
+    """A second Tavus emulator (a second account or region), configured as ``tavus-b``."""
+    async for emulator in serve_tavus("tavus-b"):
+        yield emulator
+
+
+def provider_settings(emulator: TavusEmulator, **overrides: Any) -> dict[str, Any]:
+    settings: dict[str, Any] = {
+        "api_key": API_KEY, "base_url": emulator.url, "channel": "websocket",
+        "pal_id": ECHO_PAL, "price_per_minute": "0.30", "retry": FAST_RETRY,
+    }
+    settings.update(overrides)
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+@pytest.fixture
+def make_pair_kit(tavus_emulator: TavusEmulator, tavus_b: TavusEmulator,
+                  consent_authority: ConsentAuthority) -> KitFactory:
+    """A kit with two providers: ``tavus`` (the first emulator) then ``tavus-b`` (kind tavus,
+    the second). ``a=``/``b=`` override their settings; other keywords are config sections."""
+
+    def factory(*, a: dict[str, Any] | None = None, b: dict[str, Any] | None = None,
+                **sections: Any) -> AvatarKit:
+        consent = consent_config(**sections.pop("consent", {}))
+        # each kit its own ledger: usage (and budgets) must not leak between tests
+        sections["metering"] = {"ledger": ":memory:", **sections.pop("metering", {})}
+        providers = {
+            "tavus": provider_settings(tavus_emulator, **(a or {})),
+            "tavus-b": {"kind": "tavus", **provider_settings(tavus_b, **(b or {}))},
+        }
+        ledger = sections.pop("ledger", None)
+        config = KitConfig(providers=providers,
+                           avatars={"amelia": {"tavus": FACE, "tavus-b": FACE}},
+                           consent=consent, **sections)
+        return AvatarKit(config, status_source=consent_authority.source,
+                         consent_store=consent_authority.store, ledger=ledger)
+
+    return factory
+
+
+def creates(emulator: TavusEmulator) -> int:
+    """How many conversation creates reached ``emulator`` (failed ones included)."""
+    return sum(1 for r in emulator.requests
+               if r.method == "POST" and r.path == "/v2/conversations")
+
+
+async def eventually(check: Callable[[], bool], *, within: float = 5.0,
+                     every: float = 0.02) -> None:
+    """Wait until ``check()`` holds (polling state the test cannot await directly)."""
+    for _ in range(max(1, int(within / every))):
+        if check():
+            return
+        await asyncio.sleep(every)
+    assert check(), f"condition not met within {within} s"

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("send_audio.py", ["--chunks", "60"], "send_audio (back-to-back)"),
     ("consent_tokens.py", ["--iterations", "20"], "token length"),
     ("watermark.py", ["--repeat", "5"], "PSNR"),
+    ("route.py", ["--decisions", "300", "--sessions", "5"], "concurrent sessions: 5/5 live"),
 ])
 def test_benchmark_runs(script: str, args: list[str], expect: str) -> None:
     before = (ROOT / "docs" / "performance.md").read_text()

@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     emulate.add_argument("--port", type=int, default=0, help="0 picks a free port")
     emulate.add_argument("--api-key", default="test-key",
                          help="the key the emulators accept (default: test-key)")
+    emulate.add_argument("--max-concurrent", type=int, default=10,
+                         help="open sessions allowed per account (default: 10)")
 
     route = sub.add_parser("route", help="show which provider a session would use, and why")
     route.add_argument("--config", required=True, help="the TOML config file")
@@ -96,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             try:
                 run_emulators(list(args.vendors) or list(EMULATORS), host=args.host,
-                              port=args.port, api_key=args.api_key)
+                              port=args.port, api_key=args.api_key,
+                              max_concurrent=args.max_concurrent)
             except ValueError as exc:  # unknown vendor name
                 print(f"avatarkit: error: {exc}", file=sys.stderr)
                 return 2

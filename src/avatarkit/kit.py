@@ -19,6 +19,7 @@ import os
 import weakref
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from enum import StrEnum
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -27,11 +28,18 @@ import httpx
 
 from ._config import KitConfig
 from .catalog import Avatar, Catalog
-from .errors import ConfigError, ConsentCheck, ConsentRequired, SessionStateError
+from .errors import (
+    AvatarKitError,
+    ConfigError,
+    ConsentCheck,
+    ConsentRequired,
+    SessionStateError,
+)
 from .metering.budget import BudgetGuard
 from .metering.ledger import (
     GroupKey,
     SessionLedger,
+    SessionRow,
     SQLiteSessionLedger,
     UsageReport,
 )
@@ -104,9 +112,9 @@ class AvatarKit:
         self._owns_ledger = ledger is None
         self._ledger: SessionLedger = ledger if ledger is not None else SQLiteSessionLedger(
             _ledger_path(self.config.metering.ledger))
-        self._budget = (BudgetGuard(self.config.budgets, self._ledger)
-                        if self.config.budgets.any else None)
+        self._budget = BudgetGuard(self.config.budgets, self._ledger)
         self._background: list[asyncio.Task[None]] = []
+        self._uncertain: dict[asyncio.Task[None], tuple[Provider, SessionRow]] = {}
         self._sessions: weakref.WeakSet[AvatarSession] = weakref.WeakSet()
         self._state = _KitState.UNOPENED
 
@@ -290,6 +298,41 @@ class AvatarKit:
     ) -> None:
         await self.aclose()
 
+    def _settle_uncertain_create(self, provider: Provider, row: SessionRow) -> None:
+        """A create call timed out or lost its connection: it may still succeed at the
+        vendor. Look for the session (by the name it was created under) for a while and end
+        it if it shows up; otherwise record that nothing was created."""
+        task = asyncio.create_task(self._settle(provider, row, _SETTLE_DELAYS),
+                                   name=f"avatarkit-settle-{row.row_id}")
+        self._uncertain[task] = (provider, row)
+        task.add_done_callback(lambda t: self._uncertain.pop(t, None))
+
+    async def _settle(self, provider: Provider, row: SessionRow,
+                      delays: Sequence[float]) -> None:
+        for delay in delays:
+            await asyncio.sleep(delay)
+            try:
+                vendor_id = await provider.find_session(session_id=row.session_id,
+                                                        idempotency_key=row.idempotency_key)
+                if vendor_id is None:
+                    continue
+                await provider.end_session(vendor_id)
+            except AvatarKitError as exc:
+                logger.warning("settling %s at %s: %s", row.row_id, row.provider, exc)
+                continue
+            now = datetime.now(UTC)
+            billed = (now - row.created_at).total_seconds()  # at most this long
+            await self._ledger.mark_ended(
+                row.row_id, ended_at=now, billed_seconds=billed, vendor_session_id=vendor_id,
+                cost=_cost(billed, row.price_per_minute),
+                reason="create timed out here but succeeded at the vendor; ended when found")
+            logger.warning("ended %s session %s, created after its create call timed out",
+                           row.provider, vendor_id)
+            return
+        if delays and delays[-1] > 0:  # the whole search ran: the create never happened
+            await self._ledger.mark_abandoned(
+                row.row_id, reason="create timed out; no session appeared at the vendor")
+
     async def _probe(self, provider: str) -> None:
         await self._providers[provider].probe()
 
@@ -316,6 +359,14 @@ class AvatarKit:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._background.clear()
+        # Creates still unsettled: one last look at the vendor before the providers close
+        # (a row left "creating" is the reaper's once this process is gone).
+        for task, (provider, row) in list(self._uncertain.items()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            with contextlib.suppress(AvatarKitError):
+                await self._settle(provider, row, (0.0,))
         await asyncio.gather(*(p.aclose() for p in self._providers.values()),
                              return_exceptions=True)
         if self._owns_ledger:
@@ -333,6 +384,15 @@ class AvatarKit:
 
 
 _DEFAULT_RULES = RoutingPolicy(objective="config-order")
+#: when to look for a session whose create call timed out (seconds between looks, ~1 min)
+_SETTLE_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+
+
+def _cost(seconds: float, price: Decimal | None) -> Decimal | None:
+    if price is None:
+        return None
+    minutes = Decimal(str(round(seconds, 3))) / Decimal(60)
+    return (minutes * price).quantize(Decimal("0.000001"))
 
 
 def _ledger_path(path: os.PathLike[str]) -> str:

@@ -52,6 +52,7 @@ from .errors import (
     ConsentOutOfScope,
     ConsentViolation,
     ConsentWithdrawn,
+    ErrorCategory,
     MediaFormatError,
     NoRouteError,
     ProviderConnectionError,
@@ -404,7 +405,7 @@ class AvatarSession:
 
     async def _budget_constraint(self) -> BudgetConstraint | None:
         guard = self._kit._budget
-        if guard is None:
+        if not guard.applies(self._rules.budget):
             return None
         seconds, cost, _ = self._usage()
         statuses: dict[str, BudgetStatus] = {}
@@ -472,8 +473,16 @@ class AvatarSession:
         requested_at = datetime.now(UTC)
         try:
             vendor = await provider.start(request)
+        except ProviderError as exc:
+            if exc.category in (ErrorCategory.TIMEOUT, ErrorCategory.CONNECTIVITY):
+                # The create may have reached the vendor and succeed there after we gave up:
+                # the kit looks for it by the session's name and ends it.
+                kit._settle_uncertain_create(provider, row)
+            else:  # the vendor refused, or the adapter ended what it created: nothing billed
+                await asyncio.shield(kit._ledger.mark_failed(row.row_id,
+                                                             reason=_describe(exc)))
+            raise
         except BaseException as exc:
-            # The adapter ended anything it created before raising: nothing is billed.
             await asyncio.shield(kit._ledger.mark_failed(row.row_id, reason=_describe(exc)))
             raise
         # Vendors bill from the create call; count from when it was sent (never less).
@@ -576,7 +585,7 @@ class AvatarSession:
         ``check_interval_s`` (sooner as a cap nears) that warns at ``warn_at`` and ends the
         session ``end_margin_s`` before the first cap it would cross."""
         interval = self._kit.config.metering.usage_interval_s
-        guard = self._kit._budget
+        guard = self._kit._budget if self._kit._budget.applies(self._rules.budget) else None
         last_report = time.monotonic()
         while True:
             wait = interval - (time.monotonic() - last_report)

@@ -36,12 +36,14 @@ __all__ = [
 class EmulatorFactory(Protocol):
     """Builds one emulator for ``run_emulators``."""
 
-    def __call__(self, *, api_key: str, host: str, port: int) -> EmulatorServer: ...
+    def __call__(self, *, api_key: str, host: str, port: int,
+                 max_concurrent: int) -> EmulatorServer: ...
 
 
-def _tavus_for_cli(*, api_key: str, host: str, port: int) -> EmulatorServer:
+def _tavus_for_cli(*, api_key: str, host: str, port: int, max_concurrent: int) -> EmulatorServer:
     # Command-line users cannot pre-register faces, so any face id exists.
-    return TavusEmulator(api_keys=[api_key], host=host, port=port, accept_any_face=True)
+    return TavusEmulator(api_keys=[api_key], host=host, port=port, accept_any_face=True,
+                         max_concurrent=max_concurrent)
 
 
 #: Emulators ``run_emulators`` can start, by vendor name.
@@ -49,12 +51,14 @@ EMULATORS: dict[str, EmulatorFactory] = {"tavus": _tavus_for_cli}
 
 
 def run_emulators(
-    names: list[str], *, host: str = "127.0.0.1", port: int = 0, api_key: str
+    names: list[str], *, host: str = "127.0.0.1", port: int = 0, api_key: str,
+    max_concurrent: int = 10,
 ) -> None:
     """Serve the named emulators until SIGINT/SIGTERM, then close them cleanly (blocking).
 
     Prints one line per emulator (``tavus  http://127.0.0.1:PORT  (api key: ...)``). With a
     fixed ``port``, the n-th emulator listens on ``port + n``; ``port=0`` picks free ports.
+    ``max_concurrent`` is each account's limit of open sessions (the vendor's plan limit).
     """
     valid = ", ".join(sorted(EMULATORS))
     if not names:
@@ -63,10 +67,14 @@ def run_emulators(
         raise ValueError(f"unknown emulator(s) {unknown}; valid names: {valid}")
     if len(set(names)) != len(names):
         raise ValueError(f"each emulator may be named once, got {names}")
-    asyncio.run(_serve(names, host=host, port=port, api_key=api_key))
+    if max_concurrent < 0:
+        raise ValueError(f"max_concurrent must be >= 0, got {max_concurrent}")
+    asyncio.run(_serve(names, host=host, port=port, api_key=api_key,
+                       max_concurrent=max_concurrent))
 
 
-async def _serve(names: list[str], *, host: str, port: int, api_key: str) -> None:
+async def _serve(names: list[str], *, host: str, port: int, api_key: str,
+                 max_concurrent: int) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)
@@ -76,7 +84,8 @@ async def _serve(names: list[str], *, host: str, port: int, api_key: str) -> Non
         async with AsyncExitStack() as stack:
             for offset, name in enumerate(names):
                 emulator = EMULATORS[name](
-                    api_key=api_key, host=host, port=port + offset if port else 0
+                    api_key=api_key, host=host, port=port + offset if port else 0,
+                    max_concurrent=max_concurrent,
                 )
                 await stack.enter_async_context(emulator)
                 print(f"{name}  {emulator.url}  (api key: {api_key})", flush=True)

@@ -761,6 +761,9 @@ class EmulatorServer(ABC):
                 return self._error_response(401, "Invalid or missing API key")
             decision = self.faults.take(operation)
             if decision.delay:
+                # A slow vendor has the request (body read) and acts on it even when the
+                # client gives up waiting: a create that times out may still create.
+                await request.read()
                 await asyncio.sleep(decision.delay)
             if (failure := decision.failure) is not None:
                 if failure.kind == "rate_limit":

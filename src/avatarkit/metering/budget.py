@@ -133,6 +133,10 @@ class BudgetGuard:
         self.config = config
         self._ledger = ledger
 
+    def applies(self, session_cap: BudgetCap | None) -> bool:
+        """Whether any cap applies to a session with this policy cap (else skip the work)."""
+        return self.config.any or session_cap is not None
+
     async def status(
         self,
         *,

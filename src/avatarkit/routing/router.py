@@ -1,11 +1,11 @@
 """The router: which configured provider serves a session, and a record of why.
 
-This version applies the constraints every route has (provider enabled, avatar present at the
-provider), then any request-specific :class:`RouteConstraint` (the consent scope is one: a
-grant may name the providers and regions it allows), and orders the eligible providers as
-configured. Policy constraints and scoring (residency, price, latency, budgets) plug in as
-further filters and a scoring step; the ``RouteDecision`` record already carries every
-candidate with its exclusion or rank.
+Filter, then score, then rank. The filters: the constraints every route has (provider
+enabled, avatar present at the provider), the policy's hard constraints (residency, self-hosted
+only, price, latency, capabilities, allow/deny lists; each fails closed on an unknown value),
+then request-specific :class:`RouteConstraint` values: the consent scope, budgets, provider
+health. The policy's objective orders what is left. The ``RouteDecision`` records every
+candidate: the constraint that excluded it, or its rank, score and the inputs scoring saw.
 """
 
 from __future__ import annotations
@@ -107,6 +107,7 @@ class Router:
         self._settings = dict(settings)
         self._profiles = dict(profiles)
         self._policies = dict(policies or {})
+        self._static: dict[str, _Inputs] = {}
 
     def policy(self, name: str) -> RoutingPolicy:
         try:
@@ -128,12 +129,12 @@ class Router:
         """Decide, without starting anything. Raises ``NoRouteError`` when nothing qualifies."""
         rules = self.policy(policy) if policy is not None else None
         observed = observed_latency_ms or {}
-        candidates: list[RouteCandidate] = []
-        eligible: list[tuple[int, RouteCandidate]] = []
+        seen: list[tuple[str, tuple[str, str] | None, str | None, _Inputs]] = []
+        eligible: list[tuple[int, str, _Inputs]] = []
         for position, (name, settings) in enumerate(self._settings.items()):
             profile = self._profiles[name]
             avatar_id = avatar.id_at(name)
-            inputs = _inputs(profile, observed.get(name))
+            inputs = self._inputs(name, profile, observed.get(name))
             excluded: tuple[str, str] | None
             if not settings.enabled:
                 excluded = ("enabled", "provider disabled in config")
@@ -142,28 +143,34 @@ class Router:
             else:
                 excluded = _policy_exclusion(rules, name, profile, inputs) if rules else None
                 if excluded is None:
-                    excluded = next(
-                        ((c.name, why) for c in constraints
-                         if (why := c.exclusion(name, profile, avatar_id)) is not None), None)
-            candidate = RouteCandidate(
+                    for constraint in constraints:
+                        why = constraint.exclusion(name, profile, avatar_id)
+                        if why is not None:
+                            excluded = (constraint.name, why)
+                            break
+            seen.append((name, excluded, avatar_id, inputs))
+            if excluded is None:
+                eligible.append((position, name, inputs))
+        order, scores = _rank(rules, eligible)
+        rank_of = {name: rank for rank, name in enumerate(order, start=1)}
+        # Each candidate is built once, ranked (no copies: pydantic copies cost more).
+        candidates = tuple(
+            RouteCandidate(
                 provider=name, eligible=excluded is None,
                 excluded_by=excluded[0] if excluded else None,
-                reason=excluded[1] if excluded else None, avatar_id=avatar_id, inputs=inputs)
-            candidates.append(candidate)
-            if excluded is None:
-                eligible.append((position, candidate))
-        ranked = _rank(rules, eligible)
-        by_name = {c.provider: c for c in ranked}
-        final = tuple(by_name.get(c.provider, c) for c in candidates)
+                reason=excluded[1] if excluded else None,
+                rank=rank_of.get(name), score=scores.get(name), avatar_id=avatar_id,
+                inputs=inputs)
+            for name, excluded, avatar_id, inputs in seen)
         decision = RouteDecision(
             avatar=avatar.name,
             purpose=purpose,
             policy=policy,
             policy_version=rules.version if rules else None,
-            chosen=ranked[0].provider if ranked else None,
-            candidates=final,
+            chosen=order[0] if order else None,
+            candidates=candidates,
         )
-        if not ranked:
+        if not order:
             raise NoRouteError(
                 f"no provider can serve avatar {avatar.name!r}:\n{decision.explain()}",
                 decision=decision,
@@ -173,17 +180,27 @@ class Router:
     def profile(self, provider: str) -> ProviderProfile:
         return self._profiles[provider]
 
+    def _inputs(self, name: str, profile: ProviderProfile, observed: float | None) -> _Inputs:
+        """What scoring and constraints look at, recorded in the decision as they were seen
+        (the static part is computed once per provider)."""
+        static = self._static.get(name)
+        if static is None:
+            static = self._static[name] = _static_inputs(profile)
+        if observed is not None:
+            return {**static, "first_frame_latency_ms": observed, "latency_source": "observed"}
+        declared = profile.first_frame_latency_ms
+        return {**static, "first_frame_latency_ms": declared,
+                "latency_source": "declared" if declared else None}
 
-def _inputs(profile: ProviderProfile, observed: float | None) -> dict[str, str | float | None]:
-    """What scoring and constraints look at, recorded in the decision as they were seen."""
-    latency, source = (observed, "observed") if observed is not None else (
-        profile.first_frame_latency_ms, "declared" if profile.first_frame_latency_ms else None)
+
+_Inputs = dict[str, str | float | None]
+
+
+def _static_inputs(profile: ProviderProfile) -> _Inputs:
     return {
         "price_per_minute": str(profile.price_per_minute)
         if profile.price_per_minute is not None else None,
         "currency": profile.currency,
-        "first_frame_latency_ms": latency,
-        "latency_source": source,
         "regions": ",".join(sorted(profile.regions)) if profile.regions is not None else None,
         "self_hosted": "yes" if profile.self_hosted else "no",
     }
@@ -227,44 +244,41 @@ def _policy_exclusion(rules: RoutingPolicy, name: str, profile: ProviderProfile,
     return None
 
 
-def _metric(candidate: RouteCandidate, metric: Metric) -> float | None:
-    key = "first_frame_latency_ms" if metric == "latency" else "price_per_minute"
-    value = (candidate.inputs or {}).get(key)
+def _metric(inputs: _Inputs, metric: Metric) -> float | None:
+    value = inputs.get("first_frame_latency_ms" if metric == "latency" else "price_per_minute")
     return float(value) if value is not None else None
 
 
-def _rank(rules: RoutingPolicy | None,
-          eligible: list[tuple[int, RouteCandidate]]) -> list[RouteCandidate]:
-    """Order the eligible candidates (ties keep config order) and stamp rank and score."""
-    ordered: list[tuple[RouteCandidate, float | None]]
+def _rank(rules: RoutingPolicy | None, eligible: list[tuple[int, str, _Inputs]]
+          ) -> tuple[list[str], dict[str, float]]:
+    """The eligible providers best first (ties keep config order), and their scores."""
     if rules is None or rules.objective == "config-order":
-        ordered = [(c, None) for _, c in eligible]
-    elif rules.objective == "lexicographic":
-        def key(item: tuple[int, RouteCandidate]) -> tuple[float, ...]:
-            position, c = item
-            values = [_metric(c, m) for m in rules.order]
+        return [name for _, name, _ in eligible], {}
+    if rules.objective == "lexicographic":
+        metrics = rules.order
+
+        def key(item: tuple[int, str, _Inputs]) -> tuple[float, ...]:
+            position, _, inputs = item
+            values = [_metric(inputs, m) for m in metrics]
             # unknown sorts last: it is never assumed to be cheap or fast
             return (*(v if v is not None else math.inf for v in values), float(position))
-        ordered = [(c, None) for _, c in sorted(eligible, key=key)]
-    else:
-        scores = _weighted_scores(rules, [c for _, c in eligible])
-        ordered = [(c, scores[c.provider]) for _, c in
-                   sorted(eligible, key=lambda item: (scores[item[1].provider], item[0]))]
-    return [c.model_copy(update={"rank": rank, "score": score})
-            for rank, (c, score) in enumerate(ordered, start=1)]
+        return [name for _, name, _ in sorted(eligible, key=key)], {}
+    scores = _weighted_scores(rules, eligible)
+    ordered = sorted(eligible, key=lambda item: (scores[item[1]], item[0]))
+    return [name for _, name, _ in ordered], scores
 
 
 def _weighted_scores(rules: RoutingPolicy,
-                     candidates: list[RouteCandidate]) -> dict[str, float]:
+                     eligible: list[tuple[int, str, _Inputs]]) -> dict[str, float]:
     """Lower is better: each metric min-max normalised over the candidates to [0, 1] and
     weighted; an unknown value counts as the worst (1.0), never the best."""
-    scores = {c.provider: 0.0 for c in candidates}
+    scores = {name: 0.0 for _, name, _ in eligible}
     weighted: tuple[tuple[Metric, float], ...] = (
         ("latency", rules.weights.latency), ("price", rules.weights.price))
     for metric, weight in weighted:
         if weight == 0:
             continue
-        values = {c.provider: _metric(c, metric) for c in candidates}
+        values = {name: _metric(inputs, metric) for _, name, inputs in eligible}
         known = [v for v in values.values() if v is not None]
         low, high = (min(known), max(known)) if known else (0.0, 0.0)
         for provider, value in values.items():

@@ -1,0 +1,152 @@
+"""Mid-session failover against two Tavus emulators: the live vendor session dies, the session
+moves to the next allowed provider, replays the unplayed audio and says so."""
+
+from __future__ import annotations
+
+from avatarkit import Closed, ProviderSwitched
+from avatarkit.consent.authority import ConsentAuthority
+from avatarkit.emulators import TavusEmulator
+
+from .conftest import (
+    AUDIENCE,
+    CONSENT,
+    KitFactory,
+    creates,
+    eventually,
+    grant_fields,
+    next_event,
+    send_speech,
+)
+
+
+async def test_dropped_channel_fails_over_and_replays_the_utterance(
+        make_pair_kit: KitFactory, tavus_emulator: TavusEmulator,
+        tavus_b: TavusEmulator) -> None:
+    tavus_emulator.faults.drop_channel_after(0.5)
+    async with make_pair_kit() as kit:
+        async with kit.session("amelia", consent=CONSENT, purpose="support") as s:
+            events = s.events()
+            generation, consent_id = s.generation_id, s.disclosure.consent_id
+            first_join = s.join
+            await send_speech(s, 1.0)  # the channel drops half-way through
+            await s.end_utterance()
+            switched = await next_event(events, "provider_switched")
+            assert isinstance(switched, ProviderSwitched)
+            assert (switched.from_provider, switched.to_provider) == ("tavus", "tavus-b")
+            assert "channel" in switched.reason
+            assert switched.replayed_seconds > 0.4
+            assert s.provider == "tavus-b" and s.providers_used == ["tavus", "tavus-b"]
+            # same session, generation and consent; new join (with a new signed notice)
+            assert s.generation_id == generation
+            assert s.disclosure.consent_id == consent_id
+            assert s.disclosure.provider == "tavus-b"
+            assert switched.join.url != first_join.url
+            assert switched.join.disclosure_notice == s.join.disclosure_notice
+            assert switched.vendor_session_id == s.vendor_session_id
+
+            (conv_a,) = tavus_emulator.conversations.values()
+            (conv_b,) = tavus_b.conversations.values()
+            # the old session was ended at its vendor (a dropped channel keeps it billed)
+            assert conv_a.status == "ended"
+            # the second vendor got the replayed part and the rest, under the same utterance
+            (utterance,) = conv_a.audio_seconds_by_inference
+            assert list(conv_b.audio_seconds_by_inference) == [utterance]
+            assert conv_b.audio_seconds_received >= 0.9
+            assert conv_b.done_inferences == [utterance]
+        rows = await kit.ledger.rows(session_id=s.session_id)
+        assert [(r.provider, r.state) for r in rows] == [("tavus", "ended"), ("tavus-b", "ended")]
+        assert (rows[0].end_reason or "").startswith("failover")
+        log = await kit.consent_store.generation(generation)
+        assert "provider_switched" in [r.kind for r in log]
+
+
+async def test_the_session_survives_and_keeps_speaking_after_the_switch(
+        make_pair_kit: KitFactory, tavus_emulator: TavusEmulator,
+        tavus_b: TavusEmulator) -> None:
+    tavus_emulator.faults.drop_channel_after(0.2)
+    async with make_pair_kit() as kit:
+        async with kit.session("amelia", consent=CONSENT, purpose="support") as s:
+            events = s.events()
+            await send_speech(s, 0.4)
+            await s.end_utterance()
+            await next_event(events, "provider_switched")
+            await send_speech(s, 0.3)  # a new utterance goes to the new provider
+            await s.end_utterance()
+            (conv_b,) = tavus_b.conversations.values()
+            await eventually(lambda: len(conv_b.done_inferences) >= 2, within=2)
+            billed = s.billed_seconds
+        closed = [e async for e in s.events() if isinstance(e, Closed)]
+        assert closed[0].reason == "closed" and closed[0].vendor_ended
+        assert billed > 0
+
+
+async def test_vendor_end_for_a_fixable_reason_fails_over(
+        make_pair_kit: KitFactory, tavus_emulator: TavusEmulator,
+        tavus_b: TavusEmulator) -> None:
+    async with (make_pair_kit() as kit,
+                kit.session("amelia", consent=CONSENT, purpose="support") as s):
+        events = s.events()
+        tavus_emulator.end_conversation(s.vendor_session_id or "", reason="internal_error")
+        switched = await next_event(events, "provider_switched")
+        assert isinstance(switched, ProviderSwitched)
+        assert switched.reason == "internal_error" and switched.replayed_seconds == 0
+        assert tavus_b.open_sessions == 1
+
+
+async def test_deliberate_vendor_end_does_not_fail_over(
+        make_pair_kit: KitFactory, tavus_emulator: TavusEmulator,
+        tavus_b: TavusEmulator) -> None:
+    async with (make_pair_kit() as kit,
+                kit.session("amelia", consent=CONSENT, purpose="support") as s):
+        events = s.events()
+        tavus_emulator.end_conversation(s.vendor_session_id or "",
+                                        reason="max_call_duration")
+        closed = await next_event(events, "closed")
+        assert isinstance(closed, Closed) and "max_call_duration" in closed.reason
+    assert creates(tavus_b) == 0
+
+
+async def test_policy_without_failover_closes_the_session(
+        make_pair_kit: KitFactory, tavus_emulator: TavusEmulator,
+        tavus_b: TavusEmulator) -> None:
+    tavus_emulator.faults.drop_channel_after(0.1)
+    kit = make_pair_kit(policies={"pinned": {"objective": "config-order", "failover": False}})
+    async with kit:
+        session = kit.session("amelia", consent=CONSENT, purpose="support", policy="pinned")
+        async with session as s:
+            events = s.events()
+            await send_speech(s, 0.3)
+            closed = await next_event(events, "closed")
+            assert isinstance(closed, Closed) and closed.reason.startswith("vendor:")
+    assert creates(tavus_b) == 0
+    assert tavus_emulator.open_sessions == 0
+
+
+async def test_failover_never_moves_to_a_provider_the_consent_excludes(
+        make_pair_kit: KitFactory, tavus_emulator: TavusEmulator, tavus_b: TavusEmulator,
+        consent_authority: ConsentAuthority) -> None:
+    _, eu_only = await consent_authority.grant(audience=AUDIENCE,
+                                               **grant_fields(regions=["eu"]))
+    tavus_emulator.faults.drop_channel_after(0.1)
+    async with (make_pair_kit(a={"regions": ["eu"]}, b={"regions": ["us"]}) as kit,
+                kit.session("amelia", consent=eu_only, purpose="support") as s):
+        events = s.events()
+        await send_speech(s, 0.3)
+        closed = await next_event(events, "closed")
+        assert isinstance(closed, Closed) and "failover failed" in closed.reason
+        assert not [e async for e in s.events() if e.type == "provider_switched"]
+    assert creates(tavus_b) == 0
+
+
+async def test_failover_never_moves_to_a_provider_the_policy_excludes(
+        make_pair_kit: KitFactory, tavus_emulator: TavusEmulator,
+        tavus_b: TavusEmulator) -> None:
+    tavus_emulator.faults.drop_channel_after(0.1)
+    kit = make_pair_kit(a={"regions": ["eu"]}, b={"regions": ["us"]},
+                        policies={"eu": {"residency": ["eu"]}})
+    async with kit, kit.session("amelia", consent=CONSENT, purpose="support", policy="eu") as s:
+        events = s.events()
+        await send_speech(s, 0.3)
+        closed = await next_event(events, "closed")
+        assert isinstance(closed, Closed) and "failover failed" in closed.reason
+    assert creates(tavus_b) == 0
