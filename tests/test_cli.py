@@ -70,6 +70,55 @@ def test_route_dry_run(tmp_path: Path) -> None:
     assert policy.returncode == 2 and "unknown policy" in policy.stderr
 
 
+def test_route_json_names_every_provider_with_its_reason(tmp_path: Path) -> None:
+    config = tmp_path / "avatarkit.toml"
+    config.write_text("""
+[providers.tavus]
+api_key = "k"
+channel = "websocket"
+price_per_minute = "0.30"
+regions = ["us"]
+[providers.tavus-eu]
+kind = "tavus"
+api_key = "k"
+channel = "websocket"
+regions = ["eu"]
+price_per_minute = "0.45"
+[providers.tavus-unknown]
+kind = "tavus"
+api_key = "k"
+channel = "websocket"
+[avatars.amelia]
+tavus = "r_1"
+tavus-eu = "r_2"
+tavus-unknown = "r_3"
+[policies.eu-strict]
+version = 3
+residency = ["eu"]
+max_price_per_minute = "0.50"
+""")
+    result = avatarkit("route", "--config", str(config), "--avatar", "amelia",
+                       "--purpose", "support", "--policy", "eu-strict", "--json")
+    assert result.returncode == 0, result.stderr
+    decision = json.loads(result.stdout)
+    assert (decision["policy"], decision["policy_version"]) == ("eu-strict", 3)
+    by_name = {c["provider"]: c for c in decision["candidates"]}
+    assert set(by_name) == {"tavus", "tavus-eu", "tavus-unknown"}
+    assert by_name["tavus"]["excluded_by"] == "residency"
+    assert "us" in by_name["tavus"]["reason"]
+    assert by_name["tavus-unknown"]["excluded_by"] == "residency"
+    assert "unknown" in by_name["tavus-unknown"]["reason"]
+    assert by_name["tavus-eu"]["eligible"] and by_name["tavus-eu"]["rank"] == 1
+    assert by_name["tavus-eu"]["inputs"]["price_per_minute"] == "0.45"
+    assert decision["chosen"] == "tavus-eu"
+    # nothing eligible: the JSON record is still printed, with a failing exit status
+    config.write_text(config.read_text().replace('regions = ["eu"]', 'regions = ["us"]'))
+    none = avatarkit("route", "--config", str(config), "--avatar", "amelia",
+                     "--policy", "eu-strict", "--json")
+    assert none.returncode == 2
+    assert json.loads(none.stdout)["chosen"] is None
+
+
 def test_demo_runs_end_to_end() -> None:
     result = avatarkit("demo")
     assert result.returncode == 0, result.stderr

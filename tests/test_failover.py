@@ -3,7 +3,9 @@ moves to the next allowed provider, replays the unplayed audio and says so."""
 
 from __future__ import annotations
 
-from avatarkit import Closed, ProviderSwitched
+import pytest
+
+from avatarkit import AudioChunk, Closed, ProviderConnectionError, ProviderSwitched
 from avatarkit.consent.authority import ConsentAuthority
 from avatarkit.emulators import TavusEmulator
 
@@ -16,6 +18,7 @@ from .conftest import (
     grant_fields,
     next_event,
     send_speech,
+    speech,
 )
 
 
@@ -150,3 +153,39 @@ async def test_failover_never_moves_to_a_provider_the_policy_excludes(
         closed = await next_event(events, "closed")
         assert isinstance(closed, Closed) and "failover failed" in closed.reason
     assert creates(tavus_b) == 0
+
+
+async def test_repeated_send_failures_fail_over_without_losing_audio(
+        make_pair_kit: KitFactory, tavus_emulator: TavusEmulator, tavus_b: TavusEmulator,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    async with (make_pair_kit(session={"failover_after_send_failures": 3}) as kit,
+                kit.session("amelia", consent=CONSENT, purpose="support") as s):
+        events = s.events()
+        await send_speech(s, 0.2)
+        vendor = s._vendor
+        assert vendor is not None
+
+        async def broken(*args: object, **kwargs: object) -> None:
+            raise ProviderConnectionError("send failed", provider="tavus")
+
+        # the channel stays up (no vendor signal); only sends fail
+        monkeypatch.setattr(vendor, "send_audio", broken)
+        # (100 ms chunks: a 20 ms one may stay inside the resampler and send nothing)
+        for _ in range(2):  # below the threshold: the caller sees the error
+            with pytest.raises(ProviderConnectionError):
+                await s.send_audio(chunk_of(0.1))
+        await s.send_audio(chunk_of(0.1))  # the third: fails over, replayed, no error
+        switched = await next_event(events, "provider_switched")
+        assert isinstance(switched, ProviderSwitched)
+        assert switched.reason == "3 consecutive send failures"
+        # what was sent before plus the chunk that triggered the switch; the two
+        # chunks whose errors the caller saw are not replayed (the caller owns them)
+        assert 0.15 <= switched.replayed_seconds <= 0.301
+        await s.end_utterance()
+        (conv_b,) = tavus_b.conversations.values()
+        await eventually(lambda: len(conv_b.done_inferences) == 1)
+    assert tavus_emulator.open_sessions == 0
+
+
+def chunk_of(seconds: float) -> AudioChunk:
+    return AudioChunk.from_float(speech(seconds), sample_rate=48_000)

@@ -14,6 +14,7 @@ from avatarkit import (
     AllProvidersFailed,
     AuthenticationError,
     ConsentOutOfScope,
+    NoRouteError,
     ServerError,
 )
 from avatarkit.consent.authority import ConsentAuthority
@@ -192,3 +193,34 @@ async def test_a_failed_probe_extends_the_cooldown(
         assert kit.health()["tavus"].state == "cooling_down"
         await eventually(lambda: kit.health()["tavus"].state == "healthy")
 
+
+
+async def test_residency_fails_closed_on_an_unknown_region(
+        make_pair_kit: KitFactory, tavus_emulator: TavusEmulator,
+        tavus_b: TavusEmulator) -> None:
+    kit = make_pair_kit(b={"regions": ["eu"]},  # tavus: region unknown
+                        policies={"eu": {"residency": ["eu"]}})
+    async with kit:
+        async with kit.session("amelia", consent=CONSENT, purpose="support", policy="eu") as s:
+            assert s.provider == "tavus-b"
+            excluded = next(c for c in s.route.candidates if c.provider == "tavus")
+            assert excluded.excluded_by == "residency" and "unknown" in (excluded.reason or "")
+        kit_none = make_pair_kit(policies={"eu": {"residency": ["eu"]}})  # both unknown
+        async with kit_none:
+            with pytest.raises(NoRouteError):
+                await kit_none.session("amelia", consent=CONSENT, purpose="support",
+                                       policy="eu").start()
+    assert creates(tavus_emulator) == 0
+
+
+async def test_price_cap_excludes_an_unknown_price(
+        make_pair_kit: KitFactory, tavus_emulator: TavusEmulator) -> None:
+    kit = make_pair_kit(a={"price_per_minute": None}, b={"price_per_minute": "0.40"},
+                        policies={"cheap": {"max_price_per_minute": "0.50"}})
+    async with kit, kit.session("amelia", consent=CONSENT, purpose="support",
+                           policy="cheap") as s:
+        assert s.provider == "tavus-b"
+        excluded = next(c for c in s.route.candidates if c.provider == "tavus")
+        assert excluded.excluded_by == "max_price_per_minute"
+        assert "unknown" in (excluded.reason or "")
+    assert creates(tavus_emulator) == 0

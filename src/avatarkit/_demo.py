@@ -99,6 +99,8 @@ async def run_demo(*, json_lines: bool = False) -> int:
                                 "consent_subject": "subj_amelia_demo"}},
             consent={"audience": DEMO_AUDIENCE, "issuers": [DEMO_ISSUER],
                      "jwks": authority.jwks(), "recheck_interval_s": 0.5},
+            # the demo's emulator dies with it: nothing for a reaper to find later
+            metering={"ledger": ":memory:"},
         )
         t0 = time.monotonic()
         kit = AvatarKit(config, status_source=authority.source, consent_store=authority.store)

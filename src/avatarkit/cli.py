@@ -75,15 +75,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _route(args: argparse.Namespace) -> int:
+    from .errors import NoRouteError
     from .kit import AvatarKit
+    from .routing.router import RouteDecision
 
     kit = AvatarKit.from_config(args.config)  # a dry run: nothing is started
+    status = 0
     try:
         decision = kit.route(args.avatar, purpose=args.purpose, policy=args.policy)
+    except NoRouteError as exc:
+        if not args.json or not isinstance(exc.decision, RouteDecision):
+            raise
+        decision, status = exc.decision, 2  # the record still says why each was excluded
     finally:
         asyncio.run(kit.aclose())
     print(decision.model_dump_json(indent=2) if args.json else decision.explain())
-    return 0
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
