@@ -148,3 +148,21 @@ async def next_of(events: Any, kind: type[T], *, within: float) -> T:
             if isinstance(event, kind):
                 return event
     raise AssertionError(f"no {kind.__name__} before the stream ended")
+
+
+async def test_minutes_caps_count_sessions_in_every_currency(make_pair_kit: KitFactory) -> None:
+    kit = make_pair_kit(b={"currency": "EUR"},
+                        # 3.6 s; the vendor backstop is floor(time left), so end 1 s early
+                        budgets=budgets(tenant_daily={"max_minutes": "0.06"}, end_margin_s=1.0),
+                        policies={"b-only": {"objective": "config-order",
+                                             "providers_allowed": ["tavus-b"]}})
+    async with kit:
+        async with kit.session("amelia", consent=CONSENT, purpose="support",
+                               tenant="acme") as usd:
+            await asyncio.sleep(0.8)
+        async with kit.session("amelia", consent=CONSENT, purpose="support", tenant="acme",
+                               policy="b-only") as eur:
+            assert eur.provider == "tavus-b"
+            closed = await next_of(eur.events(), Closed, within=3)
+        assert closed.reason == "budget: budgets.tenant_daily.max_minutes"
+        assert usd.billed_seconds + eur.billed_seconds <= 3.6

@@ -112,7 +112,9 @@ class AvatarKit:
         self._owns_ledger = ledger is None
         self._ledger: SessionLedger = ledger if ledger is not None else SQLiteSessionLedger(
             _ledger_path(self.config.metering.ledger))
-        self._budget = BudgetGuard(self.config.budgets, self._ledger)
+        self._budget = BudgetGuard(
+            self.config.budgets, self._ledger,
+            currencies=(p.profile.currency for p in self._providers.values()))
         self._background: list[asyncio.Task[None]] = []
         self._uncertain: dict[asyncio.Task[None], tuple[Provider, SessionRow]] = {}
         self._sessions: weakref.WeakSet[AvatarSession] = weakref.WeakSet()

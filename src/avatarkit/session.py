@@ -592,9 +592,15 @@ class AvatarSession:
             current = self._current
             if guard is not None and current is not None:
                 seconds, cost, _ = self._usage()
-                status = await guard.status(
-                    profile=current.profile, tenant=self.tenant, session_cap=self._rules.budget,
-                    own_seconds=seconds, own_cost=cost or Decimal(0), starting=False)
+                try:
+                    status = await guard.status(
+                        profile=current.profile, tenant=self.tenant,
+                        session_cap=self._rules.budget, own_seconds=seconds,
+                        own_cost=cost or Decimal(0), starting=False)
+                except AvatarKitError as exc:  # the ledger is busy or unreadable: try again
+                    logger.warning("session %s: budget check failed: %s", self.session_id, exc)
+                    await asyncio.sleep(guard.config.check_interval_s)
+                    continue
                 margin = guard.config.end_margin_s
                 for cap in status.caps:
                     if cap.fraction >= guard.config.warn_at and cap.name not in self._warned:

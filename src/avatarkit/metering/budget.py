@@ -129,9 +129,12 @@ class _ScopeUsage:
 class BudgetGuard:
     """Evaluates caps for a session on a provider, from the ledger and the session's own use."""
 
-    def __init__(self, config: BudgetConfig, ledger: SessionLedger) -> None:
+    def __init__(self, config: BudgetConfig, ledger: SessionLedger,
+                 currencies: Iterable[str] = ()) -> None:
         self.config = config
         self._ledger = ledger
+        # minutes caps count sessions in every currency the providers bill in
+        self._currencies = sorted({config.currency, *currencies})
 
     def applies(self, session_cap: BudgetCap | None) -> bool:
         """Whether any cap applies to a session with this policy cap (else skip the work)."""
@@ -207,14 +210,19 @@ class BudgetGuard:
 
     async def _scope(self, *, since: datetime, tenant: str | None, provider: str | None,
                      now: datetime) -> _ScopeUsage:
-        usage = await self._ledger.usage(since=since, until=now, tenant=tenant,
-                                         provider=provider)
+        seconds, cost = Decimal(0), Decimal(0)
+        for currency in self._currencies:
+            usage = await self._ledger.usage(since=since, until=now, tenant=tenant,
+                                             provider=provider, currency=currency)
+            seconds += Decimal(str(usage.billed_seconds))
+            if currency == self.config.currency:
+                cost = usage.cost or Decimal(0)
         open_rows = await self._ledger.rows(states=("creating", "open"), tenant=tenant,
                                             provider=provider)
         rate_cost = sum((r.price_per_minute / _SIXTY for r in open_rows
-                         if r.price_per_minute is not None), Decimal(0))
-        return _ScopeUsage(Decimal(str(usage.billed_seconds)), usage.cost or Decimal(0),
-                           Decimal(len(open_rows)), rate_cost)
+                         if r.price_per_minute is not None
+                         and r.currency == self.config.currency), Decimal(0))
+        return _ScopeUsage(seconds, cost, Decimal(len(open_rows)), rate_cost)
 
     def exclusions(self, statuses: Mapping[str, BudgetStatus]) -> BudgetConstraint:
         """A routing constraint built from statuses computed for each provider."""
