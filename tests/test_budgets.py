@@ -166,3 +166,14 @@ async def test_minutes_caps_count_sessions_in_every_currency(make_pair_kit: KitF
             closed = await next_of(eur.events(), Closed, within=3)
         assert closed.reason == "budget: budgets.tenant_daily.max_minutes"
         assert usd.billed_seconds + eur.billed_seconds <= 3.6
+
+
+async def test_tenant_caps_do_not_apply_to_untenanted_sessions(make_pair_kit: KitFactory) -> None:
+    kit = make_pair_kit(budgets=budgets(tenant_daily={"max_minutes": "0.02"}))
+    async with kit:
+        async with kit.session("amelia", consent=CONSENT, purpose="support",
+                               tenant="acme") as s:
+            await next_of(s.events(), Closed, within=3)  # acme's day is spent
+        async with kit.session("amelia", consent=CONSENT, purpose="support") as untenanted:
+            await asyncio.sleep(1.5)  # longer than acme's whole cap
+            assert untenanted.state == "live"

@@ -3,15 +3,24 @@ moves to the next allowed provider, replays the unplayed audio and says so."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from avatarkit import AudioChunk, Closed, ProviderConnectionError, ProviderSwitched
+from avatarkit import (
+    AudioChunk,
+    Closed,
+    InvalidRequestError,
+    ProviderConnectionError,
+    ProviderSwitched,
+)
 from avatarkit.consent.authority import ConsentAuthority
 from avatarkit.emulators import TavusEmulator
 
 from .conftest import (
     AUDIENCE,
     CONSENT,
+    CONSENT_GRANT,
     KitFactory,
     creates,
     eventually,
@@ -96,6 +105,23 @@ async def test_vendor_end_for_a_fixable_reason_fails_over(
         assert tavus_b.open_sessions == 1
 
 
+async def test_a_lone_provider_fails_over_to_a_new_session_at_the_same_vendor(
+        make_kit: KitFactory, tavus_emulator: TavusEmulator) -> None:
+    async with make_kit() as kit, kit.session("amelia", consent=CONSENT,
+                                              purpose="support") as s:
+        events = s.events()
+        first = s.vendor_session_id
+        tavus_emulator.end_conversation(first or "", reason="internal_error")
+        switched = await next_event(events, "provider_switched")
+        assert isinstance(switched, ProviderSwitched)
+        assert (switched.from_provider, switched.to_provider) == ("tavus", "tavus")
+        assert switched.vendor_session_id != first == tavus_emulator.conversations[
+            first or ""].conversation_id
+        await send_speech(s, 0.2)
+        await s.end_utterance()
+        assert s.providers_used == ["tavus", "tavus"]
+
+
 async def test_deliberate_vendor_end_does_not_fail_over(
         make_pair_kit: KitFactory, tavus_emulator: TavusEmulator,
         tavus_b: TavusEmulator) -> None:
@@ -137,7 +163,9 @@ async def test_failover_never_moves_to_a_provider_the_consent_excludes(
         await send_speech(s, 0.3)
         closed = await next_event(events, "closed")
         assert isinstance(closed, Closed) and "failover failed" in closed.reason
-        assert not [e async for e in s.events() if e.type == "provider_switched"]
+        # new sessions at the same vendor, until health cooled it down; never tavus-b
+        switches = [e async for e in s.events() if isinstance(e, ProviderSwitched)]
+        assert all(e.to_provider == "tavus" for e in switches)
     assert creates(tavus_b) == 0
 
 
@@ -189,3 +217,66 @@ async def test_repeated_send_failures_fail_over_without_losing_audio(
 
 def chunk_of(seconds: float) -> AudioChunk:
     return AudioChunk.from_float(speech(seconds), sample_rate=48_000)
+
+
+async def test_failover_rechecks_consent_first(
+        make_pair_kit: KitFactory, tavus_emulator: TavusEmulator, tavus_b: TavusEmulator,
+        consent_authority: ConsentAuthority) -> None:
+    async with make_pair_kit(consent={"recheck_interval_s": 3600}) as kit, \
+            kit.session("amelia", consent=CONSENT, purpose="support") as s:
+        events = s.events()
+        await consent_authority.revoke(CONSENT_GRANT.consent_id, reason="withdrawn")
+        tavus_emulator.end_conversation(s.vendor_session_id or "", reason="internal_error")
+        closed = await next_event(events, "closed")
+        assert isinstance(closed, Closed) and "failover failed" in closed.reason
+        kinds = [e.type async for e in s.events()]
+        assert "consent_revoked" in kinds and "provider_switched" not in kinds
+    assert creates(tavus_b) == 0
+
+
+async def test_failover_keeps_the_session_duration_cap(
+        make_pair_kit: KitFactory, tavus_emulator: TavusEmulator,
+        tavus_b: TavusEmulator) -> None:
+    async with make_pair_kit() as kit, kit.session("amelia", consent=CONSENT,
+                                                   purpose="support", max_duration_s=60) as s:
+        events = s.events()
+        await asyncio.sleep(1.2)
+        tavus_emulator.end_conversation(s.vendor_session_id or "", reason="internal_error")
+        await next_event(events, "provider_switched")
+        (conv_b,) = tavus_b.conversations.values()
+        assert conv_b.properties["max_call_duration"] <= 58
+
+
+async def test_close_during_a_failover_create_leaves_nothing_open(
+        make_pair_kit: KitFactory, tavus_emulator: TavusEmulator,
+        tavus_b: TavusEmulator) -> None:
+    tavus_b.faults.slow_next(1, 0.5, route="create")
+    async with make_pair_kit() as kit:
+        s = kit.session("amelia", consent=CONSENT, purpose="support")
+        await s.start()
+        tavus_emulator.end_conversation(s.vendor_session_id or "", reason="internal_error")
+        await eventually(lambda: creates(tavus_b) == 1)  # the failover's create is in flight
+        await s.aclose()
+        # the create lands at the vendor after we gave up on it: found and ended
+        await eventually(lambda: tavus_b.conversations != {} and all(
+            c.status == "ended" for c in tavus_b.conversations.values()), within=5)
+        for _ in range(100):
+            (row,) = await kit.ledger.rows(session_id=s.session_id, provider="tavus-b")
+            if row.terminal:
+                break
+            await asyncio.sleep(0.05)
+        assert row.state == "ended" and "create timed out" in (row.end_reason or "")
+
+
+async def test_aclose_during_a_failing_start_reports_the_start_error(
+        make_kit: KitFactory, tavus_emulator: TavusEmulator) -> None:
+    tavus_emulator.faults.slow_next(1, 0.3, route="create")
+    tavus_emulator.faults.fail_next_creates(1, status=400)
+    async with make_kit() as kit:
+        session = kit.session("amelia", consent=CONSENT, purpose="support")
+        start = asyncio.create_task(session.start())
+        await eventually(lambda: creates(tavus_emulator) == 1)
+        await session.aclose()
+        with pytest.raises(InvalidRequestError):
+            await start
+        assert session.state == "closed"

@@ -117,7 +117,7 @@ async def test_reap_finds_a_session_created_just_before_the_owner_died(
                                      headers={"x-api-key": API_KEY}) as http:
             created = (await http.post("/v2/conversations", json={
                 "pal_id": ECHO_PAL, "face_id": FACE,
-                "conversation_name": "avatarkit ses_found"})).json()
+                "conversation_name": "avatarkit avk-ses_found-1"})).json()
         # this one died before the create reached the vendor
         never = await ledger.begin(session_id="ses_never", attempt=1, provider="tavus",
                                    provider_kind="tavus", idempotency_key="avk-ses_never-1",

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import weakref
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
@@ -311,6 +311,7 @@ class AvatarKit:
 
     async def _settle(self, provider: Provider, row: SessionRow,
                       delays: Sequence[float]) -> None:
+        certain = True  # every lookup got an answer
         for delay in delays:
             await asyncio.sleep(delay)
             try:
@@ -320,20 +321,27 @@ class AvatarKit:
                     continue
                 await provider.end_session(vendor_id)
             except AvatarKitError as exc:
+                certain = False
                 logger.warning("settling %s at %s: %s", row.row_id, row.provider, exc)
                 continue
             now = datetime.now(UTC)
             billed = (now - row.created_at).total_seconds()  # at most this long
-            await self._ledger.mark_ended(
-                row.row_id, ended_at=now, billed_seconds=billed, vendor_session_id=vendor_id,
-                cost=_cost(billed, row.price_per_minute),
-                reason="create timed out here but succeeded at the vendor; ended when found")
             logger.warning("ended %s session %s, created after its create call timed out",
                            row.provider, vendor_id)
+            await self._record_settled(row.row_id, self._ledger.mark_ended(
+                row.row_id, ended_at=now, billed_seconds=billed, vendor_session_id=vendor_id,
+                cost=_cost(billed, row.price_per_minute),
+                reason="create timed out here but succeeded at the vendor; ended when found"))
             return
-        if delays and delays[-1] > 0:  # the whole search ran: the create never happened
-            await self._ledger.mark_abandoned(
-                row.row_id, reason="create timed out; no session appeared at the vendor")
+        if certain and delays and delays[-1] > 0:  # the whole search said: nothing created
+            await self._record_settled(row.row_id, self._ledger.mark_abandoned(
+                row.row_id, reason="create timed out; no session appeared at the vendor"))
+
+    async def _record_settled(self, row_id: str, write: Awaitable[SessionRow]) -> None:
+        try:
+            await write
+        except Exception as exc:  # the row stays open: the reaper's, once this process ends
+            logger.error("could not record how %s settled: %s", row_id, exc)
 
     async def _probe(self, provider: str) -> None:
         await self._providers[provider].probe()

@@ -235,7 +235,9 @@ class AvatarSession:
         self._resampler: AudioResampler | None = None
         self._pump: asyncio.Task[None] | None = None
         self._meter: asyncio.Task[None] | None = None
-        self._failover_task: asyncio.Task[None] | None = None
+        self._failover_task: asyncio.Task[None] | None = None  # the latest
+        self._failover_tasks: set[asyncio.Task[None]] = set()  # every one not finished
+        self._failover_from: _Attempt | None = None
         self._switch_lock = asyncio.Lock()
         self._send_failures = 0
         self._start_finished = asyncio.Event()
@@ -348,8 +350,9 @@ class AvatarSession:
             attempt = await self._open_ranked(decision.ranked)
         except BaseException as exc:
             self._start_finished.set()
-            self._transition(SessionState.CLOSING)
-            self._finish_close(reason="start_failed", error=exc)
+            if self._state is SessionState.STARTING:
+                self._transition(SessionState.CLOSING)
+                self._finish_close(reason="start_failed", error=exc)
             raise
         self._attach(attempt)
         self._start_finished.set()
@@ -420,8 +423,6 @@ class AvatarSession:
         (when the policy allows); a permanent one or a policy violation stops at once."""
         errors: list[ProviderError] = []
         for candidate in candidates:
-            if candidate.provider in self._failed_providers:
-                continue
             try:
                 return await self._open(candidate)
             except ProviderError as exc:
@@ -434,8 +435,7 @@ class AvatarSession:
                 logger.warning("session %s: %s failed to start (%s); trying the next provider",
                                self.session_id, candidate.provider, exc)
         if not errors:
-            raise NoRouteError("no provider is left to try (every candidate failed before)",
-                               decision=self._route)
+            raise NoRouteError("no provider is left to try", decision=self._route)
         if len(errors) == 1:
             raise errors[0]
         raise AllProvidersFailed(f"all {len(errors)} providers failed to start", errors)
@@ -450,7 +450,8 @@ class AvatarSession:
         disclosure = self._disclosure(name, profile, self._verified)
         self._attempt_counter += 1
         attempt_no = self._attempt_counter
-        max_duration = self._max_duration_s
+        # the session's cap covers every vendor attempt, failovers included
+        max_duration = max(1.0, self._max_duration_s - self.billed_seconds)
         status = self._budget.status(name) if self._budget is not None else None
         if status is not None:
             max_duration = min(max_duration, max(1.0, status.seconds_left))
@@ -481,6 +482,9 @@ class AvatarSession:
             else:  # the vendor refused, or the adapter ended what it created: nothing billed
                 await asyncio.shield(kit._ledger.mark_failed(row.row_id,
                                                              reason=_describe(exc)))
+            raise
+        except asyncio.CancelledError:
+            kit._settle_uncertain_create(provider, row)  # the create may still land
             raise
         except BaseException as exc:
             await asyncio.shield(kit._ledger.mark_failed(row.row_id, reason=_describe(exc)))
@@ -558,13 +562,16 @@ class AvatarSession:
     # -- metering and budgets ----------------------------------------------------------------
 
     def _usage(self) -> tuple[float, Decimal | None, float]:
-        """(billed seconds, cost of the priced part or None, unpriced seconds)."""
+        """(billed seconds, cost of the priced part or None, unpriced seconds). Cost is in the
+        current provider's currency; time billed in another currency counts as unpriced here
+        (the ledger keeps each attempt's own cost and currency)."""
         seconds = unpriced = 0.0
         cost: Decimal | None = None
+        currency = self._current.profile.currency if self._current else None
         for attempt in self._attempts:
             billed = attempt.vendor.billed_seconds
             seconds += billed
-            part = attempt.cost()
+            part = attempt.cost() if attempt.profile.currency == currency else None
             if part is None:
                 unpriced += billed
             else:
@@ -597,7 +604,7 @@ class AvatarSession:
                         profile=current.profile, tenant=self.tenant,
                         session_cap=self._rules.budget, own_seconds=seconds,
                         own_cost=cost or Decimal(0), starting=False)
-                except AvatarKitError as exc:  # the ledger is busy or unreadable: try again
+                except Exception as exc:  # the ledger is busy or unreadable: try again
                     logger.warning("session %s: budget check failed: %s", self.session_id, exc)
                     await asyncio.sleep(guard.config.check_interval_s)
                     continue
@@ -627,14 +634,25 @@ class AvatarSession:
 
     def _start_failover(self, dead: _Attempt, reason: str,
                         error: ProviderError | None) -> asyncio.Task[None]:
-        if self._failover_task is None or self._failover_task.done():
-            self._failover_task = asyncio.create_task(
-                self._failover(dead, reason, error), name=f"{self.session_id}-failover")
-        return self._failover_task
+        """The failover away from ``dead``: one per dead attempt. A new session that dies
+        while the previous switch is still finishing gets its own, run after that one."""
+        running = self._failover_task
+        if running is not None and not running.done() and self._failover_from is dead:
+            return running
+        self._failover_from = dead
+        self._failover_task = task = asyncio.create_task(
+            self._failover(dead, reason, error, after=running),
+            name=f"{self.session_id}-failover")
+        self._failover_tasks.add(task)
+        task.add_done_callback(self._failover_tasks.discard)
+        return task
 
-    async def _failover(self, dead: _Attempt, reason: str, error: ProviderError | None) -> None:
+    async def _failover(self, dead: _Attempt, reason: str, error: ProviderError | None, *,
+                        after: asyncio.Task[None] | None = None) -> None:
         """Move the session from ``dead`` to the next allowed provider, replaying the unplayed
         audio; close the session when no provider is left."""
+        if after is not None and not after.done():
+            await asyncio.wait([after])  # its outcome is its own; our cancellation stops us
         async with self._switch_lock:
             if self._current is not dead or self._state is not SessionState.LIVE:
                 return
@@ -651,13 +669,29 @@ class AvatarSession:
                 self._ack.cancel()
             try:
                 assert self._verified is not None
+                # A new vendor session is a new use of the likeness: consent must still hold.
+                await self._kit._consent_gate().recheck(self._verified, fresh_within_s=0)
                 decision = await self._routed(self._verified)
-                attempt = await self._open_ranked(decision.ranked)
+                # Other providers first; the ones that died in this session only after them
+                # (a new session at the same vendor; health cools a vendor that keeps dying).
+                ranked = decision.ranked
+                attempt = await self._open_ranked(
+                    [c for c in ranked if c.provider not in self._failed_providers]
+                    + [c for c in ranked if c.provider in self._failed_providers])
             except (AvatarKitError, ExceptionGroup) as exc:
+                if isinstance(exc, ConsentWithdrawn) and self._verified is not None:
+                    self._publish(ConsentRevoked(
+                        session_id=self.session_id, consent_id=self._verified.consent_id,
+                        status="suspended" if exc.check is ConsentCheck.SUSPENDED
+                        else "revoked"))
                 logger.error("session %s: failover found no provider: %s", self.session_id, exc)
                 self._vendor_failure = VendorSessionEnded(reason=reason, billing_stopped=True,
                                                           error=error)
                 self._close_soon(f"vendor: {reason}; failover failed: {_describe(exc)}")
+                return
+            if self._state is not SessionState.LIVE:  # closed meanwhile: end it, count it
+                self._attempts.append(attempt)
+                await self._retire(attempt, "closed during failover")
                 return
             self._route = decision
             self._attach(attempt)
@@ -720,15 +754,15 @@ class AvatarSession:
                            attempt.provider, vendor.vendor_session_id, exc)
             failure = exc
         if vendor.ended and not attempt.recorded_end:
-            attempt.recorded_end = True
-            ended_at = datetime.now(UTC)
             try:
                 await self._kit._ledger.mark_ended(
-                    attempt.row_id, ended_at=ended_at, billed_seconds=vendor.billed_seconds,
-                    cost=attempt.cost(), reason=reason)
-            except AvatarKitError as exc:  # the vendor end stands; the reaper sees the row
+                    attempt.row_id, ended_at=datetime.now(UTC),
+                    billed_seconds=vendor.billed_seconds, cost=attempt.cost(), reason=reason)
+            except Exception as exc:  # the vendor end stands; closing again retries the row
                 logger.error("session %s: could not record the end of %s: %s",
                              self.session_id, attempt.row_id, exc)
+            else:
+                attempt.recorded_end = True
         return failure
 
     # -- closing ------------------------------------------------------------------------------
@@ -791,7 +825,7 @@ class AvatarSession:
         elif self._state is not SessionState.CLOSING:
             self._transition(SessionState.CLOSING)
         me = asyncio.current_task()
-        for task in (self._failover_task, self._pump, self._consent_watch, self._meter):
+        for task in (*self._failover_tasks, self._pump, self._consent_watch, self._meter):
             if task is not None and task is not me and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -806,11 +840,18 @@ class AvatarSession:
         if self._vendor_failure is not None and reason == "closed":
             reason = f"vendor: {self._vendor_failure.reason}"
         if self._verified is not None and self._current is not None:
-            await self._kit._consent_gate().log(self._record("session_ended", details={
+            await self._log_quietly(self._record("session_ended", details={
                 "reason": reason, "billed_seconds": round(self.billed_seconds, 3),
                 "vendor_ended": all(a.vendor.ended for a in self._attempts),
                 "providers": ",".join(self.providers_used)}))
         self._finish_close(reason=reason, error=self._end_failure)
+
+    async def _log_quietly(self, record: GenerationRecord) -> None:
+        """Log to the generation log without letting a store failure wedge a close."""
+        try:
+            await self._kit._consent_gate().log(record)
+        except Exception as exc:
+            logger.error("session %s: could not log %s: %s", self.session_id, record.kind, exc)
 
     def _finish_close(self, *, reason: str, error: BaseException | None) -> None:
         current = self._current
@@ -899,8 +940,9 @@ class AvatarSession:
         """Stop the avatar now and drop unplayed audio. Returns the playback position (seconds
         into the interrupted utterance). Waits at most ``interrupt_ack_timeout`` for the
         vendor's acknowledgement, then returns an estimate: it never hangs."""
-        async with self._switch_lock:
-            vendor = self._live_attempt("interrupt()").vendor
+        # No switch lock: an interrupt must not wait out a failover. The target leaves the
+        # replay set at once, so a switch in progress does not replay it.
+        vendor = self._live_attempt("interrupt()").vendor
         now = time.monotonic()
         target = self._sending or self._latest_unfinished()
         self._sending = None
@@ -908,6 +950,7 @@ class AvatarSession:
             self._resampler.reset()
         if target is None:
             return 0.0
+        self._unfinished.pop(target.id, None)
         loop = asyncio.get_running_loop()
         self._ack = ack = loop.create_future()
         self._ack_target = target.id

@@ -153,10 +153,13 @@ class ConsentGate:
             raise
         return verified
 
-    async def recheck(self, verified: VerifiedConsent) -> TokenStatus:
+    async def recheck(self, verified: VerifiedConsent, *,
+                      fresh_within_s: float | None = None) -> TokenStatus:
         """Expiry and revocation status of an admitted consent, with a status list no older
-        than the recheck interval. Raises ``ConsentViolation`` subclasses."""
-        return await self.verifier.recheck(verified, fresh_within_s=self.recheck_interval_s)
+        than ``fresh_within_s`` (default: the recheck interval). Raises
+        ``ConsentViolation`` subclasses."""
+        fresh = self.recheck_interval_s if fresh_within_s is None else fresh_within_s
+        return await self.verifier.recheck(verified, fresh_within_s=fresh)
 
     async def log(self, record: GenerationRecord) -> None:
         """Append to the generation log; a failing log is reported, never raised over the

@@ -170,7 +170,8 @@ class BudgetGuard:
             scoped.append(("budgets.session", cfg.session, own, False))
         if session_cap is not None:
             scoped.append(("policy.budget", session_cap, own, False))
-        tenant_cap, tenant_name = self._tenant_cap(tenant)
+        # tenant caps apply to named tenants (untenanted sessions are not one big tenant)
+        tenant_cap, tenant_name = self._tenant_cap(tenant) if tenant is not None else (None, "")
         if tenant_cap is not None:
             day = now.replace(hour=0, minute=0, second=0, microsecond=0)
             scoped.append((tenant_name, tenant_cap, await self._scope(

@@ -290,10 +290,12 @@ class Provider(ABC):
         raise CapabilityError(f"{self.instance_name} cannot end sessions by id")
 
     async def find_session(self, *, session_id: str, idempotency_key: str) -> str | None:
-        """The vendor id of a still-open session started for ``session_id``, if the vendor can
-        be asked (the reaper uses it when a process died between the create call and
-        recording its answer). None when there is none or the vendor cannot tell."""
-        return None
+        """The vendor id of a still-open session created by the attempt ``idempotency_key``
+        (of ``session_id``); None when the vendor says there is none. The reaper and the
+        late-create search use it when the create's answer was never recorded. Raises
+        ``CapabilityError`` when the vendor cannot be asked: the row then stays open for a
+        human, never marked as nothing-created."""
+        raise CapabilityError(f"{self.instance_name} cannot look up sessions by name")
 
     def _build_profile(
         self,

@@ -168,7 +168,8 @@ class TavusProvider(Provider):
         return {
             pal_key: pal_id,
             face_key: request.avatar_id,
-            "conversation_name": f"{self.settings.conversation_name} {request.session_id}",
+            # one name per attempt: the reaper and the late-create search find exactly it
+            "conversation_name": f"{self.settings.conversation_name} {request.idempotency_key}",
             "require_auth": self.settings.require_auth,
             "properties": properties,
         }
@@ -208,9 +209,9 @@ class TavusProvider(Provider):
         await self._end_conversation(vendor_session_id)
 
     async def find_session(self, *, session_id: str, idempotency_key: str) -> str | None:
-        # The create call names the conversation after the session: find it among the
-        # active ones (a process may have died before it recorded the conversation id).
-        name = f"{self.settings.conversation_name} {session_id}"
+        # The create call names the conversation after the attempt's idempotency key: find
+        # it among the active ones (the process may have died before recording its id).
+        name = f"{self.settings.conversation_name} {idempotency_key}"
         data = await self.api.request_json("GET", "/v2/conversations",
                                            params={"status": "active"})
         items = data.get("data")
