@@ -22,7 +22,7 @@ from .errors import AvatarKitError
 
 __all__ = ["main"]
 
-EMULATORS = ("tavus",)
+EMULATORS = ("tavus", "liveavatar")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -7,6 +7,9 @@ Python (``emu.faults``) or its ``/_emulator/*`` control API::
     async with TavusEmulator(faces=["f1"], pals={"p1": "f1"}) as emu:
         ...  # point the SDK at emu.url with api key "test-key"
 
+Vendors: ``tavus`` (:class:`TavusEmulator`) and ``liveavatar`` (:class:`LiveAvatarEmulator`,
+HeyGen LiveAvatar in LITE mode).
+
 Needs the ``emulators`` extra (aiohttp).
 """
 
@@ -18,6 +21,7 @@ from contextlib import AsyncExitStack
 from typing import Protocol
 
 from ._base import EmulatorFaults, EmulatorServer, RequestRecord
+from .liveavatar import LiveAvatarEmulator, LiveAvatarSession, LiveAvatarUtterance, SpeakChunk
 from .tavus import TavusConversation, TavusEmulator, TavusPal
 
 __all__ = [
@@ -25,7 +29,11 @@ __all__ = [
     "EmulatorFactory",
     "EmulatorFaults",
     "EmulatorServer",
+    "LiveAvatarEmulator",
+    "LiveAvatarSession",
+    "LiveAvatarUtterance",
     "RequestRecord",
+    "SpeakChunk",
     "TavusConversation",
     "TavusEmulator",
     "TavusPal",
@@ -46,8 +54,19 @@ def _tavus_for_cli(*, api_key: str, host: str, port: int, max_concurrent: int) -
                          max_concurrent=max_concurrent)
 
 
-#: Emulators ``run_emulators`` can start, by vendor name.
-EMULATORS: dict[str, EmulatorFactory] = {"tavus": _tavus_for_cli}
+def _liveavatar_for_cli(
+    *, api_key: str, host: str, port: int, max_concurrent: int
+) -> EmulatorServer:
+    # As for Tavus: command-line users cannot pre-register avatars, so any avatar id exists.
+    return LiveAvatarEmulator(api_keys=[api_key], host=host, port=port, accept_any_face=True,
+                              max_concurrent=max_concurrent)
+
+
+#: Emulators ``run_emulators`` can start, by vendor name. Error messages list them in this order.
+EMULATORS: dict[str, EmulatorFactory] = {
+    "tavus": _tavus_for_cli,
+    "liveavatar": _liveavatar_for_cli,
+}
 
 
 def run_emulators(
@@ -60,7 +79,7 @@ def run_emulators(
     fixed ``port``, the n-th emulator listens on ``port + n``; ``port=0`` picks free ports.
     ``max_concurrent`` is each account's limit of open sessions (the vendor's plan limit).
     """
-    valid = ", ".join(sorted(EMULATORS))
+    valid = ", ".join(EMULATORS)
     if not names:
         raise ValueError(f"name at least one emulator; valid names: {valid}")
     if unknown := [name for name in names if name not in EMULATORS]:

@@ -28,6 +28,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, Self, get_args
 
 from aiohttp import WSCloseCode, web
@@ -60,6 +61,19 @@ _CONTROL_PREFIX = "/_emulator/"
 _WS_CLOSE_TIMEOUT = 2.0
 #: Seconds ``aclose()`` lets in-flight HTTP handlers finish before aiohttp cancels them.
 _SHUTDOWN_TIMEOUT = 1.0
+
+
+def now_iso() -> str:
+    """The vendors' timestamp format: ISO 8601 in UTC."""
+    return datetime.now(UTC).isoformat()
+
+
+class BadRequest(Exception):
+    """A request an emulator refuses, answered in its vendor's error shape with ``status``."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:

@@ -34,7 +34,6 @@ import json
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from http import HTTPStatus
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal, get_args
@@ -42,11 +41,13 @@ from typing import Any, ClassVar, Literal, get_args
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from ._base import (
+    BadRequest,
     ChannelPeer,
     EmulatorServer,
     LedgerEntry,
     Room,
     SpeechPlayback,
+    now_iso,
     read_json_object,
 )
 
@@ -83,18 +84,6 @@ _CONTROL_EVENTS = frozenset(
 )
 
 
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat()
-
-
-class _BadRequest(Exception):
-    """A request the emulator refuses; carries the status and a message naming the field."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 class _ProtocolError(Exception):
     """An app-message the room ignores; the text is recorded in ``protocol_errors``."""
 
@@ -112,7 +101,7 @@ class TavusPal:
     name: str | None
     default_face_id: str | None
     pipeline_mode: PipelineMode
-    created_at: str = field(default_factory=_now_iso)
+    created_at: str = field(default_factory=now_iso)
 
     def as_pal(self) -> dict[str, Any]:
         return {
@@ -151,7 +140,7 @@ class TavusConversation:
     properties: dict[str, Any]
     meeting_token: str | None
     ledger_entry: LedgerEntry | None
-    created_at: str = field(default_factory=_now_iso)
+    created_at: str = field(default_factory=now_iso)
     status: ConversationStatus = "active"
     end_reason: str | None = None
     deleted: bool = False
@@ -268,14 +257,14 @@ class _TextEcho:
 def _optional_str(body: Mapping[str, Any], key: str, *, prefix: str = "") -> str | None:
     value = body.get(key)
     if value is not None and not isinstance(value, str):
-        raise _BadRequest(f"{prefix}{key} must be a string")
+        raise BadRequest(f"{prefix}{key} must be a string")
     return value
 
 
 def _optional_bool(body: Mapping[str, Any], key: str, *, prefix: str = "") -> bool | None:
     value = body.get(key)
     if value is not None and not isinstance(value, bool):
-        raise _BadRequest(f"{prefix}{key} must be a boolean")
+        raise BadRequest(f"{prefix}{key} must be a boolean")
     return value
 
 
@@ -284,9 +273,9 @@ def _aliased_str(body: Mapping[str, Any], name: str, alias: str) -> str | None:
     value, legacy = _optional_str(body, name), _optional_str(body, alias)
     for key, given in ((name, value), (alias, legacy)):
         if given == "":
-            raise _BadRequest(f"{key} must not be empty")
+            raise BadRequest(f"{key} must not be empty")
     if value is not None and legacy is not None and value != legacy:
-        raise _BadRequest(f"{name} and {alias} name the same thing but differ")
+        raise BadRequest(f"{name} and {alias} name the same thing but differ")
     return value if value is not None else legacy
 
 
@@ -300,7 +289,7 @@ def _integer_property(properties: Mapping[str, Any], key: str, low: int, high: i
     )
     if not in_range:
         bounds = f"between {low} and {high}" if high is not None else f">= {low}"
-        raise _BadRequest(f"properties.{key} must be an integer {bounds}")
+        raise BadRequest(f"properties.{key} must be an integer {bounds}")
     return int(value)
 
 
@@ -308,7 +297,7 @@ def _parse_properties(raw: object) -> dict[str, Any]:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise _BadRequest("properties must be an object")
+        raise BadRequest("properties must be an object")
     properties: dict[str, Any] = {
         "max_call_duration": MAX_CALL_DURATION_LIMIT,
         "participant_left_timeout": DEFAULT_PARTICIPANT_LEFT_TIMEOUT,
@@ -334,7 +323,7 @@ def _parse_conversation_request(body: Mapping[str, Any]) -> _ConversationRequest
     pal_id = _aliased_str(body, "pal_id", "persona_id")
     face_id = _aliased_str(body, "face_id", "replica_id")
     if pal_id is None:
-        raise _BadRequest("pal_id (or persona_id) is required")
+        raise BadRequest("pal_id (or persona_id) is required")
     return _ConversationRequest(
         pal_id=pal_id,
         face_id=face_id,
@@ -352,7 +341,7 @@ def _parse_conversation_request(body: Mapping[str, Any]) -> _ConversationRequest
 def _pipeline_mode(body: Mapping[str, Any]) -> PipelineMode:
     mode = body.get("pipeline_mode", "full")
     if mode not in _PIPELINE_MODES:
-        raise _BadRequest(f"pipeline_mode must be one of {sorted(_PIPELINE_MODES)}")
+        raise BadRequest(f"pipeline_mode must be one of {sorted(_PIPELINE_MODES)}")
     checked: PipelineMode = mode
     return checked
 
@@ -584,22 +573,22 @@ class TavusEmulator(EmulatorServer):
             spec = _parse_conversation_request(await read_json_object(request))
             pal = self._pals.get(spec.pal_id)
             if pal is None:
-                raise _BadRequest(f"PAL (persona) {spec.pal_id!r} not found", status=404)
+                raise BadRequest(f"PAL (persona) {spec.pal_id!r} not found", status=404)
             face_id = spec.face_id or pal.default_face_id
             if face_id is None:
-                raise _BadRequest(
+                raise BadRequest(
                     f"face_id (or replica_id) is required: PAL {pal.pal_id!r} has no default face"
                 )
             if not self.has_face(face_id):
-                raise _BadRequest(f"face (replica) {face_id!r} not found", status=404)
+                raise BadRequest(f"face (replica) {face_id!r} not found", status=404)
             if not spec.test_mode and self.open_sessions >= self.max_concurrent:
-                raise _BadRequest(
+                raise BadRequest(
                     "maximum concurrent conversations reached",
                     status=self.concurrency_limit_status,
                 )
         except ValueError as exc:
             return self._error_response(400, str(exc))
-        except _BadRequest as exc:
+        except BadRequest as exc:
             return self._error_response(exc.status, str(exc))
         body = self._open(spec, face_id).create_response()
         if replay_key is not None:
@@ -650,13 +639,13 @@ class TavusEmulator(EmulatorServer):
         conversation_id = request.match_info["conversation_id"]
         conversation = self._conversations.get(conversation_id)
         if conversation is None or conversation.deleted:
-            raise _BadRequest(f"conversation {conversation_id!r} not found", status=404)
+            raise BadRequest(f"conversation {conversation_id!r} not found", status=404)
         return conversation
 
     async def _handle_get_conversation(self, request: web.Request) -> web.Response:
         try:
             return web.json_response(self._find(request).as_json())
-        except _BadRequest as exc:
+        except BadRequest as exc:
             return self._error_response(exc.status, str(exc))
 
     async def _handle_list_conversations(self, request: web.Request) -> web.Response:
@@ -673,7 +662,7 @@ class TavusEmulator(EmulatorServer):
     async def _handle_end_conversation(self, request: web.Request) -> web.Response:
         try:
             conversation = self._find(request)
-        except _BadRequest as exc:
+        except BadRequest as exc:
             return self._error_response(exc.status, str(exc))
         self._end(conversation, "ended")
         return web.json_response({})
@@ -681,7 +670,7 @@ class TavusEmulator(EmulatorServer):
     async def _handle_delete_conversation(self, request: web.Request) -> web.Response:
         try:
             conversation = self._find(request)
-        except _BadRequest as exc:
+        except BadRequest as exc:
             return self._error_response(exc.status, str(exc))
         self._end(conversation, "deleted")
         conversation.deleted = True
@@ -728,15 +717,15 @@ class TavusEmulator(EmulatorServer):
                 name = _aliased_str(body, "pal_name", "persona_name")
                 face_id = _aliased_str(body, "default_face_id", "default_replica_id")
                 if name is None:
-                    raise _BadRequest("pal_name is required")
+                    raise BadRequest("pal_name is required")
                 if face_id is None:
-                    raise _BadRequest("default_face_id is required")
+                    raise BadRequest("default_face_id is required")
             mode = _pipeline_mode(body)
             if face_id is not None and not self.has_face(face_id):
-                raise _BadRequest(f"face (replica) {face_id!r} not found", status=404)
+                raise BadRequest(f"face (replica) {face_id!r} not found", status=404)
         except ValueError as exc:
             return self._error_response(400, str(exc))
-        except _BadRequest as exc:
+        except BadRequest as exc:
             return self._error_response(exc.status, str(exc))
         pal = TavusPal(f"p{secrets.token_hex(6)}", name, face_id, mode)
         self._pals[pal.pal_id] = pal
