@@ -26,13 +26,11 @@ the newest ``entry_hash`` somewhere the store's writer cannot change.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import heapq
 import json
 import math
 import sqlite3
-import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -45,6 +43,7 @@ from typing import Annotated, Any, Literal, Self, TypeVar
 import rfc8785
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from avatarkit._sqlite import SQLiteDatabase, transaction
 from avatarkit.consent.grant import AwareDatetime, ConsentGrant, Sha256Hex, StatusReference
 from avatarkit.consent.status import StatusList, TokenStatus
 from avatarkit.consent.tokens import ReplayGuard
@@ -53,7 +52,6 @@ from avatarkit.errors import (
     ConfigError,
     ConsentCheck,
     ConsentWithdrawn,
-    SessionStateError,
 )
 
 __all__ = [
@@ -501,96 +499,25 @@ class SQLiteConsentStore(ConsentStore):
         if not math.isfinite(replay_leeway_s) or replay_leeway_s < 0:
             raise ConfigError(f"must be a finite number >= 0, got {replay_leeway_s!r}",
                               field="replay_leeway_s")
-        self._path = str(path)
+        self._db = SQLiteDatabase(path, name="the consent store", version_table="schema_version",
+                                  version=_SCHEMA_VERSION, schema=_schema,
+                                  pragmas=("PRAGMA foreign_keys = ON",))
         self._capacity = status_list_capacity
         self._leeway = float(replay_leeway_s)
         self._clock = clock
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
-        self._closed = False
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
-        return f"SQLiteConsentStore({self._path!r}, {state})"
+        state = "closed" if self._db.closed else "open"
+        return f"SQLiteConsentStore({self._db.path!r}, {state})"
 
     # -- plumbing --------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        await self._call(lambda conn: None)
+        await self._db.open()
         return self
 
     async def aclose(self) -> None:
-        if self._closed and self._conn is None:
-            return
-        self._closed = True  # new calls fail fast; the close waits for one in flight
-        await asyncio.to_thread(self._close_connection)
-
-    def _close_connection(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def _connect(self) -> sqlite3.Connection:
-        if self._conn is not None:
-            return self._conn
-        try:
-            conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise ConfigError(f"cannot open the consent store {self._path!r}: {exc}",
-                              field="path") from exc
-        try:
-            conn.execute("PRAGMA busy_timeout = 5000")
-            conn.execute("PRAGMA foreign_keys = ON")
-            if self._path != ":memory:" and not self._path.startswith("file::memory:"):
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    raise ConfigError(f"cannot use WAL journaling on {self._path!r} "
-                                      f"(got {mode!r})", field="path")
-                conn.execute("PRAGMA synchronous = FULL")
-            self._create_schema(conn)
-        except sqlite3.Error as exc:
-            conn.close()
-            raise ConfigError(f"cannot open the consent store {self._path!r}: {exc}",
-                              field="path") from exc
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
-        return conn
-
-    def _create_schema(self, conn: sqlite3.Connection) -> None:
-        def create(conn: sqlite3.Connection) -> None:
-            has_version = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
-            ).fetchone()
-            if has_version:
-                row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
-                if row[0] is not None and row[0] != _SCHEMA_VERSION:
-                    raise ConfigError(
-                        f"{self._path!r} has consent-store schema version {row[0]}; this "
-                        f"avatarkit reads version {_SCHEMA_VERSION}", field="path")
-            for statement in _schema():
-                conn.execute(statement)
-            if conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 0:
-                conn.execute("INSERT INTO schema_version (version) VALUES (?)",
-                             (_SCHEMA_VERSION,))
-
-        _transaction(conn, create)
-
-    def _locked(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        with self._lock:
-            if self._closed:
-                raise SessionStateError("the consent store is closed")
-            return fn(self._connect())
-
-    async def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        if self._closed:
-            raise SessionStateError("the consent store is closed")
-        return await asyncio.to_thread(self._locked, fn)
-
-    async def _write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        return await self._call(lambda conn: _transaction(conn, fn))
+        await self._db.aclose()
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock(), UTC)
@@ -621,7 +548,7 @@ class SQLiteConsentStore(ConsentStore):
                          "VALUES (?, ?, ?)", (uri, nxt, at))
             return StatusReference(uri=uri, idx=nxt)
 
-        return await self._write(allocate)
+        return await self._db.write(allocate)
 
     async def status_list(self, uri: str) -> StatusList:
         def build(conn: sqlite3.Connection) -> StatusList:
@@ -636,7 +563,7 @@ class SQLiteConsentStore(ConsentStore):
                 out[idx] = status
             return out
 
-        return await self._call(build)
+        return await self._db.call(build)
 
     # -- ledger ----------------------------------------------------------------------------
 
@@ -677,7 +604,7 @@ class SQLiteConsentStore(ConsentStore):
                           entry.seq))
             return entry
 
-        return await self._write(record)
+        return await self._db.write(record)
 
     async def get_grant(self, consent_id: str) -> ConsentGrant | None:
         def get(conn: sqlite3.Connection) -> tuple[str, str] | None:
@@ -685,7 +612,7 @@ class SQLiteConsentStore(ConsentStore):
                                "AND kind = 'granted'", (consent_id,)).fetchone()
             return None if row is None else (row[0], row[1])
 
-        found = await self._call(get)
+        found = await self._db.call(get)
         if found is None:
             return None
         grant_json, record_hash = found
@@ -742,7 +669,7 @@ class SQLiteConsentStore(ConsentStore):
                          "WHERE consent_id = ?", (int(target), entry.seq, consent_id))
             return entry
 
-        return await self._write(change)
+        return await self._db.write(change)
 
     async def status_of(self, consent_id: str) -> TokenStatus:
         def get(conn: sqlite3.Connection) -> TokenStatus:
@@ -752,7 +679,7 @@ class SQLiteConsentStore(ConsentStore):
                 raise ConfigError(f"unknown consent {consent_id!r}", field="consent_id")
             return TokenStatus(row[0])
 
-        return await self._call(get)
+        return await self._db.call(get)
 
     async def ledger(self, consent_id: str | None = None) -> list[LedgerEntry]:
         def read(conn: sqlite3.Connection) -> list[LedgerEntry]:
@@ -763,10 +690,10 @@ class SQLiteConsentStore(ConsentStore):
                                     "ORDER BY seq", (consent_id,))
             return [_ledger_entry(row) for row in rows]
 
-        return await self._call(read)
+        return await self._db.call(read)
 
     async def verify_chain(self) -> ChainReport:
-        return await self._call(lambda conn: _transaction(conn, _verify, begin="BEGIN"))
+        return await self._db.call(lambda conn: transaction(conn, _verify, begin="BEGIN"))
 
     # -- generation log --------------------------------------------------------------------
 
@@ -792,7 +719,7 @@ class SQLiteConsentStore(ConsentStore):
             return positioned.model_copy(update={"prev_hash": prev_hash,
                                                  "entry_hash": entry_hash})
 
-        return await self._write(append)
+        return await self._db.write(append)
 
     async def _select_generations(self, where: str, value: str) -> list[GenerationRecord]:
         def read(conn: sqlite3.Connection) -> list[GenerationRecord]:
@@ -800,7 +727,7 @@ class SQLiteConsentStore(ConsentStore):
                                 "ORDER BY seq", (value,))
             return [_generation_record(row) for row in rows]
 
-        return await self._call(read)
+        return await self._db.call(read)
 
     async def generations(self, consent_id: str) -> list[GenerationRecord]:
         return await self._select_generations("consent_id = ?", consent_id)
@@ -833,24 +760,12 @@ class SQLiteConsentStore(ConsentStore):
                                (jti, max(float(expires_at), now)))
             return cur.rowcount == 1
 
-        return await self._write(claim)
+        return await self._db.write(claim)
 
 
 # --------------------------------------------------------------------------------------------
 # helpers running inside the store's lock
 # --------------------------------------------------------------------------------------------
-
-
-def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T], *,
-                 begin: str = "BEGIN IMMEDIATE") -> _T:
-    conn.execute(begin)
-    try:
-        result = fn(conn)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-    return result
 
 
 def _next_link(conn: sqlite3.Connection) -> tuple[int, str]:

@@ -36,7 +36,6 @@ import os
 import socket
 import sqlite3
 import sys
-import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
@@ -56,6 +55,7 @@ from pydantic import (
     model_validator,
 )
 
+from avatarkit._sqlite import SQLiteDatabase
 from avatarkit.errors import AvatarKitError, ConfigError, SessionStateError
 
 __all__ = [
@@ -708,18 +708,6 @@ def _updated(row: SessionRow, **changes: Any) -> SessionRow:
         raise _config_error(exc) from None
 
 
-def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T], *,
-                 begin: str = "BEGIN IMMEDIATE") -> _T:
-    conn.execute(begin)
-    try:
-        result = fn(conn)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-    return result
-
-
 def _load(conn: sqlite3.Connection, row_id: str) -> SessionRow:
     record = conn.execute(f"SELECT {_SELECT} FROM sessions WHERE row_id = ?",
                           (row_id,)).fetchone()
@@ -773,92 +761,23 @@ class SQLiteSessionLedger(SessionLedger):
     """
 
     def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
-        self._path = str(path)
+        self._db = SQLiteDatabase(path, name="the session ledger",
+                                  version_table="session_ledger_schema",
+                                  version=_SCHEMA_VERSION, schema=_schema)
         self._clock = clock
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
-        self._closed = False
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
-        return f"SQLiteSessionLedger({self._path!r}, {state})"
+        state = "closed" if self._db.closed else "open"
+        return f"SQLiteSessionLedger({self._db.path!r}, {state})"
 
     # -- plumbing --------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        await self._call(lambda conn: None)
+        await self._db.open()
         return self
 
     async def aclose(self) -> None:
-        if self._closed and self._conn is None:
-            return
-        self._closed = True  # new calls fail fast; the close waits for one in flight
-        await asyncio.to_thread(self._close_connection)
-
-    def _close_connection(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def _connect(self) -> sqlite3.Connection:
-        if self._conn is not None:
-            return self._conn
-        try:
-            conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise ConfigError(f"cannot open the session ledger {self._path!r}: {exc}",
-                              field="path") from exc
-        try:
-            conn.execute("PRAGMA busy_timeout = 5000")
-            if self._path != ":memory:" and not self._path.startswith("file::memory:"):
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    raise ConfigError(f"cannot use WAL journaling on {self._path!r} "
-                                      f"(got {mode!r})", field="path")
-                conn.execute("PRAGMA synchronous = FULL")
-            _transaction(conn, self._create_schema)
-        except sqlite3.Error as exc:
-            conn.close()
-            raise ConfigError(f"cannot open the session ledger {self._path!r}: {exc}",
-                              field="path") from exc
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
-        return conn
-
-    def _create_schema(self, conn: sqlite3.Connection) -> None:
-        # A version table rather than PRAGMA user_version: the file may be shared with other
-        # avatarkit stores, and user_version is one number per database file.
-        has_version = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'session_ledger_schema'"
-        ).fetchone()
-        if has_version:
-            found = conn.execute("SELECT MAX(version) FROM session_ledger_schema").fetchone()[0]
-            if found is not None and found != _SCHEMA_VERSION:
-                raise ConfigError(f"{self._path!r} has session-ledger schema version {found}; "
-                                  f"this avatarkit reads version {_SCHEMA_VERSION}",
-                                  field="path")
-        for statement in _schema():
-            conn.execute(statement)
-        if conn.execute("SELECT COUNT(*) FROM session_ledger_schema").fetchone()[0] == 0:
-            conn.execute("INSERT INTO session_ledger_schema (version) VALUES (?)",
-                         (_SCHEMA_VERSION,))
-
-    def _locked(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        with self._lock:
-            if self._closed:
-                raise SessionStateError("the session ledger is closed")
-            return fn(self._connect())
-
-    async def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        if self._closed:
-            raise SessionStateError("the session ledger is closed")
-        return await asyncio.to_thread(self._locked, fn)
-
-    async def _write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        return await self._call(lambda conn: _transaction(conn, fn))
+        await self._db.aclose()
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock(), UTC)
@@ -876,7 +795,7 @@ class SQLiteSessionLedger(SessionLedger):
             _store(conn, new)
             return new
 
-        return await self._write(apply)
+        return await self._db.write(apply)
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -920,7 +839,7 @@ class SQLiteSessionLedger(SessionLedger):
                          _to_db(row))
             return row
 
-        return await self._write(insert)
+        return await self._db.write(insert)
 
     async def mark_open(
         self, row_id: str, *, vendor_session_id: str, billing_started_at: datetime
@@ -990,7 +909,7 @@ class SQLiteSessionLedger(SessionLedger):
             _store(conn, new)
             return new
 
-        return await self._write(apply)
+        return await self._db.write(apply)
 
     async def heartbeat(self, owner: ProcessIdentity | None = None) -> int:
         who = owner if owner is not None else ProcessIdentity.current()
@@ -1003,12 +922,12 @@ class SQLiteSessionLedger(SessionLedger):
                 (at, who.host, who.pid, float(who.started_at), *_LIVE))
             return cur.rowcount
 
-        return await self._write(beat)
+        return await self._db.write(beat)
 
     # -- reads -----------------------------------------------------------------------------
 
     async def get(self, row_id: str) -> SessionRow:
-        return await self._call(lambda conn: _load(conn, row_id))
+        return await self._db.call(lambda conn: _load(conn, row_id))
 
     async def rows(
         self,
@@ -1043,7 +962,7 @@ class SQLiteSessionLedger(SessionLedger):
         def read(conn: sqlite3.Connection) -> list[SessionRow]:
             return [_from_db(record) for record in conn.execute(sql, params)]
 
-        return await self._call(read)
+        return await self._db.call(read)
 
     async def orphans(self, *, stale_after_s: float = 120.0) -> list[SessionRow]:
         if isinstance(stale_after_s, bool) or not math.isfinite(stale_after_s) \
@@ -1089,7 +1008,7 @@ class SQLiteSessionLedger(SessionLedger):
         def read(conn: sqlite3.Connection) -> list[SessionRow]:
             return [_from_db(record) for record in conn.execute(sql, params)]
 
-        rows = await self._call(read)
+        rows = await self._db.call(read)
         shares = [share for row in rows
                   if (share := _share(row, start, stop, now)) is not None]
         return start, stop, now, shares
