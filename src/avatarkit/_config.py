@@ -329,7 +329,7 @@ class KitConfig(BaseSettings):
         disclosure = self.disclosure.model_copy(update={
             "notice_key": fix(self.disclosure.notice_key)})
         object.__setattr__(self, "disclosure", disclosure)
-        if "ledger" in self.metering.model_fields_set and str(self.metering.ledger) != ":memory:":
+        if str(self.metering.ledger) != ":memory:":
             object.__setattr__(self, "metering", self.metering.model_copy(
                 update={"ledger": fix(self.metering.ledger)}))
         return self

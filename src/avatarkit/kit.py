@@ -17,9 +17,8 @@ import contextlib
 import logging
 import os
 import weakref
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from enum import StrEnum
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -43,7 +42,7 @@ from .metering.ledger import (
     SQLiteSessionLedger,
     UsageReport,
 )
-from .metering.reaper import ReapOutcome, reap_orphans
+from .metering.reaper import ReapOutcome, end_row, reap_orphans
 from .providers._http import new_http_client
 from .providers.base import Provider
 from .providers.registry import get_provider_class
@@ -304,44 +303,38 @@ class AvatarKit:
         """A create call timed out or lost its connection: it may still succeed at the
         vendor. Look for the session (by the name it was created under) for a while and end
         it if it shows up; otherwise record that nothing was created."""
-        task = asyncio.create_task(self._settle(provider, row, _SETTLE_DELAYS),
+        task = asyncio.create_task(self._settle(provider, row, _SETTLE_DELAYS, abandon=True),
                                    name=f"avatarkit-settle-{row.row_id}")
         self._uncertain[task] = (provider, row)
         task.add_done_callback(lambda t: self._uncertain.pop(t, None))
 
-    async def _settle(self, provider: Provider, row: SessionRow,
-                      delays: Sequence[float]) -> None:
+    async def _settle(self, provider: Provider, row: SessionRow, delays: Sequence[float], *,
+                      abandon: bool) -> None:
+        """Look for ``row``'s session after each delay and end it when found. With
+        ``abandon``, a search in which the vendor always answered "none" marks the row
+        abandoned; otherwise it stays ``creating`` (the reaper's once this process ends)."""
         certain = True  # every lookup got an answer
-        for delay in delays:
+        for number, delay in enumerate(delays, start=1):
             await asyncio.sleep(delay)
+            final = abandon and certain and number == len(delays)
             try:
-                vendor_id = await provider.find_session(session_id=row.session_id,
-                                                        idempotency_key=row.idempotency_key)
-                if vendor_id is None:
-                    continue
-                await provider.end_session(vendor_id)
-            except AvatarKitError as exc:
+                outcome = await end_row(
+                    self._ledger, provider, row,
+                    reason="create timed out here but succeeded at the vendor; ended when found",
+                    abandon_reason="create timed out; no session appeared at the vendor"
+                    if final else None)
+            except Exception as exc:  # the ledger write failed; the vendor side is settled
+                logger.error("could not record how %s settled: %s", row.row_id, exc)
+                return
+            if outcome.action == "failed":
                 certain = False
-                logger.warning("settling %s at %s: %s", row.row_id, row.provider, exc)
-                continue
-            now = datetime.now(UTC)
-            billed = (now - row.created_at).total_seconds()  # at most this long
-            logger.warning("ended %s session %s, created after its create call timed out",
-                           row.provider, vendor_id)
-            await self._record_settled(row.row_id, self._ledger.mark_ended(
-                row.row_id, ended_at=now, billed_seconds=billed, vendor_session_id=vendor_id,
-                cost=_cost(billed, row.price_per_minute),
-                reason="create timed out here but succeeded at the vendor; ended when found"))
-            return
-        if certain and delays and delays[-1] > 0:  # the whole search said: nothing created
-            await self._record_settled(row.row_id, self._ledger.mark_abandoned(
-                row.row_id, reason="create timed out; no session appeared at the vendor"))
-
-    async def _record_settled(self, row_id: str, write: Awaitable[SessionRow]) -> None:
-        try:
-            await write
-        except Exception as exc:  # the row stays open: the reaper's, once this process ends
-            logger.error("could not record how %s settled: %s", row_id, exc)
+                logger.warning("settling %s at %s: %s", row.row_id, row.provider, outcome.error)
+            elif outcome.action == "ended":
+                logger.warning("ended %s session %s, created after its create call timed out",
+                               row.provider, outcome.vendor_session_id)
+                return
+            elif outcome.action == "abandoned":
+                return
 
     async def _probe(self, provider: str) -> None:
         await self._providers[provider].probe()
@@ -376,7 +369,7 @@ class AvatarKit:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             with contextlib.suppress(AvatarKitError):
-                await self._settle(provider, row, (0.0,))
+                await self._settle(provider, row, (0.0,), abandon=False)
         await asyncio.gather(*(p.aclose() for p in self._providers.values()),
                              return_exceptions=True)
         if self._owns_ledger:
@@ -397,12 +390,6 @@ _DEFAULT_RULES = RoutingPolicy(objective="config-order")
 #: when to look for a session whose create call timed out (seconds between looks, ~1 min)
 _SETTLE_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 
-
-def _cost(seconds: float, price: Decimal | None) -> Decimal | None:
-    if price is None:
-        return None
-    minutes = Decimal(str(round(seconds, 3))) / Decimal(60)
-    return (minutes * price).quantize(Decimal("0.000001"))
 
 
 def _ledger_path(path: os.PathLike[str]) -> str:

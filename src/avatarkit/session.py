@@ -73,6 +73,7 @@ from .events import (
 )
 from .join import JoinInfo
 from .media import AudioChunk, AudioResampler, VideoFrame
+from .metering.ledger import cost_of
 from .providers.base import (
     PlaybackFinished,
     PlaybackStarted,
@@ -96,7 +97,6 @@ __all__ = ["AvatarSession", "SessionState"]
 logger = logging.getLogger("avatarkit.session")
 
 _EVENT_HISTORY = 1000
-_SIXTY = Decimal(60)
 
 
 class SessionState(StrEnum):
@@ -181,14 +181,7 @@ class _Attempt:
     recorded_end: bool = False
 
     def cost(self) -> Decimal | None:
-        return _cost(self.vendor.billed_seconds, self.profile.price_per_minute)
-
-
-def _cost(seconds: float, price: Decimal | None) -> Decimal | None:
-    if price is None:
-        return None
-    minutes = Decimal(str(round(seconds, 3))) / _SIXTY
-    return (minutes * price).quantize(Decimal("0.000001"))
+        return cost_of(self.vendor.billed_seconds, self.profile.price_per_minute)
 
 
 class AvatarSession:
@@ -222,6 +215,8 @@ class AvatarSession:
         self._consent = consent
         self._kit = kit
         self._rules: RoutingPolicy = kit._rules(policy)
+        # audio kept per utterance for a failover's replay (0: no failover, keep nothing)
+        self._replay_limit_s = kit.config.session.replay_buffer_s if self._rules.failover else 0.0
         self.interrupt_ack_timeout = interrupt_ack_timeout
         self._max_duration_s = max_duration_s
         self._close_timeout = close_timeout
@@ -891,8 +886,8 @@ class AvatarSession:
             if utterance.first_sent_at is None:
                 utterance.first_sent_at = time.monotonic()
             utterance.sent_seconds += chunk.duration
-            if self._rules.failover:
-                utterance.keep(chunk, self._kit.config.session.replay_buffer_s)
+            if self._replay_limit_s:
+                utterance.keep(chunk, self._replay_limit_s)
             if converted.num_frames:
                 try:
                     await current.vendor.send_audio(converted, utterance_id=utterance.id)

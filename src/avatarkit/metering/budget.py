@@ -259,6 +259,3 @@ def _describe(cap: CapUse) -> str:
     unit = "min" if cap.unit == "minutes" else ""
     return f"{cap.used:.2f} of {cap.limit} {unit}".rstrip() + " used"
 
-
-def describe_caps(caps: Iterable[CapUse]) -> str:
-    return "; ".join(f"{c.name}: {_describe(c)}" for c in caps)

@@ -235,9 +235,16 @@ Name = Annotated[str, Field(min_length=1)]
 
 
 def _price_cost(price: Decimal, seconds: float) -> Decimal:
-    """``price`` per minute times ``seconds``, to a millionth. ``repr`` keeps the float's
-    shortest decimal form, so 0.1 s costs a tenth of a second, not 0.1000000000000000055."""
-    return (price * Decimal(repr(seconds)) / 60).quantize(_MICRO, rounding=ROUND_HALF_EVEN)
+    """``price`` per minute times ``seconds`` (to the millisecond: no meter is finer, and
+    0.1 s costs a tenth of a second, not 0.1000000000000000055), to a millionth."""
+    return (price * Decimal(str(round(seconds, 3))) / 60).quantize(_MICRO,
+                                                                 rounding=ROUND_HALF_EVEN)
+
+
+def cost_of(seconds: float, price: Decimal | None) -> Decimal | None:
+    """What ``seconds`` cost at ``price`` per minute; None when the price is unknown (an
+    unknown price is never 0)."""
+    return None if price is None else _price_cost(price, seconds)
 
 
 class SessionRow(BaseModel):

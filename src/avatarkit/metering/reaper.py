@@ -20,18 +20,17 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Literal
 
 from ..errors import AvatarKitError
 from ..providers.base import Provider
-from .ledger import SessionLedger, SessionRow
+from .ledger import SessionLedger, SessionRow, cost_of
 
-__all__ = ["ReapOutcome", "reap_orphans"]
+__all__ = ["ReapOutcome", "end_row", "reap_orphans"]
 
 logger = logging.getLogger("avatarkit.reaper")
 
-ReapAction = Literal["ended", "abandoned", "failed", "skipped"]
+ReapAction = Literal["ended", "abandoned", "failed", "skipped", "not_found"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,32 +63,43 @@ async def _reap(ledger: SessionLedger, providers: Mapping[str, Provider],
     if provider is None:
         return ReapOutcome(row, "skipped", row.vendor_session_id,
                            f"provider {row.provider!r} is not configured here")
+    outcome = await end_row(
+        ledger, provider, row,
+        reason=f"reaped: owner process {row.owner.pid} on {row.owner.host} died",
+        abandon_reason="reaped: owner died before the vendor created it (nothing open at "
+        "the vendor)")
+    logger.log(logging.WARNING if outcome.action == "failed" else logging.INFO,
+               "reaper: %s %s (%s %s)%s", outcome.action, row.row_id, row.provider,
+               outcome.vendor_session_id, f": {outcome.error}" if outcome.error else "")
+    return outcome
+
+
+async def end_row(ledger: SessionLedger, provider: Provider, row: SessionRow, *,
+                  reason: str, abandon_reason: str | None) -> ReapOutcome:
+    """End ``row``'s vendor session and close the row as ended (billed until now at most:
+    the vendor may have stopped earlier on its own timeout).
+
+    A row without a vendor id is looked up by the name its create used. When the vendor says
+    there is none, the row is marked abandoned with ``abandon_reason``, or, without one, left
+    as it is (``not_found``: look again later). A vendor that cannot end it or cannot be asked
+    gives ``failed`` and the row stays open. Ledger errors propagate.
+    """
     vendor_id = row.vendor_session_id
     try:
         if vendor_id is None:
             vendor_id = await provider.find_session(session_id=row.session_id,
                                                     idempotency_key=row.idempotency_key)
             if vendor_id is None:
-                await ledger.mark_abandoned(
-                    row.row_id, reason="reaped: owner died before the vendor created it "
-                    "(nothing open at the vendor)")
-                logger.info("reaper: %s had nothing open at %s", row.row_id, row.provider)
+                if abandon_reason is None:
+                    return ReapOutcome(row, "not_found")
+                await ledger.mark_abandoned(row.row_id, reason=abandon_reason)
                 return ReapOutcome(row, "abandoned")
         await provider.end_session(vendor_id)
     except AvatarKitError as exc:
-        logger.warning("reaper: could not end %s (%s %s): %s", row.row_id, row.provider,
-                       vendor_id, exc)
         return ReapOutcome(row, "failed", vendor_id, str(exc))
     now = datetime.now(UTC)
-    # Billed until now at most: the vendor may have stopped earlier on its own timeout.
-    start = row.billing_started_at or row.created_at
-    billed = max(0.0, (now - start).total_seconds())
-    cost = None
-    if row.price_per_minute is not None:
-        cost = (Decimal(str(round(billed, 3))) / Decimal(60) * row.price_per_minute).quantize(
-            Decimal("0.000001"))
-    await ledger.mark_ended(row.row_id, ended_at=now, billed_seconds=billed, cost=cost,
-                            reason=f"reaped: owner process {row.owner.pid} on "
-                            f"{row.owner.host} died")
-    logger.info("reaper: ended %s session %s of %s", row.provider, vendor_id, row.session_id)
+    billed = max(0.0, (now - (row.billing_started_at or row.created_at)).total_seconds())
+    await ledger.mark_ended(row.row_id, ended_at=now, billed_seconds=billed,
+                            cost=cost_of(billed, row.price_per_minute), reason=reason,
+                            vendor_session_id=vendor_id)
     return ReapOutcome(row, "ended", vendor_id)

@@ -177,9 +177,6 @@ class Router:
             )
         return decision
 
-    def profile(self, provider: str) -> ProviderProfile:
-        return self._profiles[provider]
-
     def _inputs(self, name: str, profile: ProviderProfile, observed: float | None) -> _Inputs:
         """What scoring and constraints look at, recorded in the decision as they were seen
         (the static part is computed once per provider)."""
