@@ -68,6 +68,22 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
+class ProtocolError(Exception):
+    """A channel message the vendor drops; its text goes into the session's
+    ``protocol_errors`` so a test can see what the SDK got wrong."""
+
+
+def json_message(raw: str) -> dict[str, Any]:
+    """A text frame as the JSON object every vendor channel message must be."""
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        raise ProtocolError("message is not valid JSON") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("message is not a JSON object")
+    return message
+
+
 class BadRequest(Exception):
     """A request an emulator refuses, answered in its vendor's error shape with ``status``."""
 
@@ -446,6 +462,21 @@ class TimerSet:
             handle.cancel()
         self._handles.clear()
 
+    def rearm(self, slots: dict[str, asyncio.TimerHandle], key: str, delay: float,
+              callback: Callable[[], None]) -> None:
+        """(Re)start the timer a session keeps under ``key`` in ``slots``."""
+        self.cancel(slots.pop(key, None))
+        slots[key] = self.call_later(delay, callback)
+
+    def disarm(self, slots: dict[str, asyncio.TimerHandle], key: str | None = None) -> None:
+        """Cancel the timer under ``key``, or every timer in ``slots``."""
+        if key is not None:
+            self.cancel(slots.pop(key, None))
+            return
+        for handle in slots.values():
+            self.cancel(handle)
+        slots.clear()
+
 
 @dataclass(frozen=True)
 class _CloseRequest:
@@ -638,7 +669,17 @@ class EmulatorServer(ABC):
         accept_any_face: bool,
         host: str,
         port: int,
+        max_concurrent: int,
+        concurrency_limit_status: int,
     ) -> None:
+        if isinstance(max_concurrent, bool) or max_concurrent < 0:
+            raise ValueError("max_concurrent must be an integer >= 0")
+        if not 400 <= concurrency_limit_status <= 599:
+            raise ValueError("concurrency_limit_status must be an HTTP error status")
+        #: billed sessions the account may have open at once (the vendor's plan limit)
+        self.max_concurrent = max_concurrent
+        #: the status a create over that limit is refused with
+        self.concurrency_limit_status = concurrency_limit_status
         keys = frozenset(api_keys)
         if not keys or any(not isinstance(key, str) or not key for key in keys):
             raise ValueError("api_keys must contain at least one non-empty string")
@@ -735,6 +776,11 @@ class EmulatorServer(ABC):
 
     def has_face(self, face_id: str) -> bool:
         return self.accept_any_face or face_id in self._faces
+
+    def check_capacity(self, message: str) -> None:
+        """Refuse one more billed session when ``max_concurrent`` are open."""
+        if self.open_sessions >= self.max_concurrent:
+            raise BadRequest(message, status=self.concurrency_limit_status)
 
     def state(self) -> dict[str, Any]:
         """Everything the control API's ``GET /_emulator/state`` returns."""

@@ -65,7 +65,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import secrets
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -81,8 +80,10 @@ from ._base import (
     ChannelPeer,
     EmulatorServer,
     LedgerEntry,
+    ProtocolError,
     Room,
     SpeechPlayback,
+    json_message,
     now_iso,
     read_json_object,
 )
@@ -123,10 +124,6 @@ class _ValidationError(Exception):
     def __init__(self, field_name: str, message: str, kind: str, given: object = None) -> None:
         super().__init__(f"{field_name}: {message}")
         self.detail = {"type": kind, "loc": ["body", field_name], "msg": message, "input": given}
-
-
-class _ProtocolError(Exception):
-    """A WebSocket message the vendor drops; the text is recorded in ``protocol_errors``."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,22 +394,17 @@ def _parse_message(raw: str, max_bytes: int) -> tuple[dict[str, Any], int]:
     """The message as an object and its size in bytes, after the checks every frame gets."""
     size = len(raw.encode())
     if size > max_bytes:
-        raise _ProtocolError(f"message is {size} bytes; the limit is {max_bytes} bytes per message")
-    try:
-        message = json.loads(raw)
-    except ValueError:
-        raise _ProtocolError("message is not valid JSON") from None
-    if not isinstance(message, dict):
-        raise _ProtocolError("message is not a JSON object")
+        raise ProtocolError(f"message is {size} bytes; the limit is {max_bytes} bytes per message")
+    message = json_message(raw)
     if not isinstance(message.get("type"), str):
-        raise _ProtocolError("message has no string 'type'")
+        raise ProtocolError("message has no string 'type'")
     return message, size
 
 
 def _required_event_id(message: Mapping[str, Any]) -> str:
     event_id = message.get("event_id")
     if not isinstance(event_id, str) or not event_id:
-        raise _ProtocolError(f"{message['type']} needs a non-empty string event_id")
+        raise ProtocolError(f"{message['type']} needs a non-empty string event_id")
     return event_id
 
 
@@ -420,25 +412,25 @@ def _parse_speak(message: Mapping[str, Any], size: int) -> _Speak:
     event_id = _required_event_id(message)
     declared_rate = message.get("sample_rate")
     if declared_rate is not None and declared_rate != SAMPLE_RATE:
-        raise _ProtocolError(
+        raise ProtocolError(
             f"agent.speak audio must be {SAMPLE_RATE} Hz PCM16 mono, got sample_rate"
             f" {declared_rate!r} (the vendor plays it garbled without an error)"
         )
     audio = message.get("audio")
     if not isinstance(audio, str):
-        raise _ProtocolError("agent.speak audio must be a base64 string")
+        raise ProtocolError("agent.speak audio must be a base64 string")
     try:
         pcm = base64.b64decode(audio, validate=True)
     except (binascii.Error, ValueError):
-        raise _ProtocolError("agent.speak audio is not valid base64") from None
+        raise ProtocolError("agent.speak audio is not valid base64") from None
     if not pcm:
-        raise _ProtocolError("agent.speak audio is empty")
+        raise ProtocolError("agent.speak audio is empty")
     if pcm[:4] == b"RIFF" and pcm[8:12] == b"WAVE":
-        raise _ProtocolError("agent.speak audio has a WAV header; send raw PCM16 (headers click)")
+        raise ProtocolError("agent.speak audio has a WAV header; send raw PCM16 (headers click)")
     if pcm[:3] == b"ID3":
-        raise _ProtocolError("agent.speak audio is MP3; send raw PCM16 (MP3 plays as silence)")
+        raise ProtocolError("agent.speak audio is MP3; send raw PCM16 (MP3 plays as silence)")
     if len(pcm) % SAMPLE_WIDTH:
-        raise _ProtocolError(
+        raise ProtocolError(
             f"agent.speak audio has an odd byte count ({len(pcm)}); PCM16 needs 2 bytes a sample"
         )
     return _Speak(event_id=event_id, audio_bytes=len(pcm), message_bytes=size)
@@ -485,10 +477,9 @@ class LiveAvatarEmulator(EmulatorServer):
         livekit_url: str = "wss://liveavatar-emulator.livekit.invalid",
     ) -> None:
         super().__init__(
-            api_keys=api_keys, faces=faces, accept_any_face=accept_any_face, host=host, port=port
-        )
-        if isinstance(max_concurrent, bool) or max_concurrent < 0:
-            raise ValueError("max_concurrent must be an integer >= 0")
+            api_keys=api_keys, faces=faces, accept_any_face=accept_any_face, host=host,
+            port=port, max_concurrent=max_concurrent,
+            concurrency_limit_status=concurrency_limit_status)
         for name, seconds in (("idle_timeout", idle_timeout), ("connected_delay", connected_delay)):
             if isinstance(seconds, bool) or seconds < 0:
                 raise ValueError(f"{name} must be a number of seconds >= 0")
@@ -499,8 +490,6 @@ class LiveAvatarEmulator(EmulatorServer):
         ):
             if isinstance(limit, bool) or limit < 1:
                 raise ValueError(f"{name} must be a positive integer")
-        if not 400 <= concurrency_limit_status <= 599:
-            raise ValueError("concurrency_limit_status must be an HTTP error status")
         for name, status in (
             ("post_stop_status", post_stop_status),
             ("delete_stop_status", delete_stop_status),
@@ -515,14 +504,12 @@ class LiveAvatarEmulator(EmulatorServer):
             raise ValueError(f"interrupt_events {unknown} unknown; known: {known}")
         if error_shape not in _ERROR_SHAPES:
             raise ValueError(f"error_shape must be one of {sorted(_ERROR_SHAPES)}")
-        self.max_concurrent = max_concurrent
         self.idle_timeout = float(idle_timeout)
         self.idle_reset_by_any_message = idle_reset_by_any_message
         self.connected_delay = float(connected_delay)
         self.default_max_session_duration = default_max_session_duration
         self.sandbox_max_session_duration = sandbox_max_session_duration
         self.max_message_bytes = max_message_bytes
-        self.concurrency_limit_status = concurrency_limit_status
         self.post_stop_status = post_stop_status
         self.delete_stop_status = delete_stop_status
         self.interrupt_events: tuple[str, ...] = events
@@ -660,10 +647,8 @@ class LiveAvatarEmulator(EmulatorServer):
             await self._matching_body(request, session)
             if session.status != "minted":
                 raise BadRequest(f"session {session.session_id} was already {session.status}")
-            if not session.is_sandbox and self.open_sessions >= self.max_concurrent:
-                raise BadRequest(
-                    "concurrent session limit reached", status=self.concurrency_limit_status
-                )
+            if not session.is_sandbox:
+                self.check_capacity("concurrent session limit reached")
         except BadRequest as exc:
             return self._error_response(exc.status, str(exc))
         session.status = "active"
@@ -714,8 +699,7 @@ class LiveAvatarEmulator(EmulatorServer):
 
     def _schedule(self, session: LiveAvatarSession, reason: str, delay: float) -> None:
         """(Re)arm the timer that ends ``session`` with ``reason`` after ``delay`` seconds."""
-        self._timers.cancel(session.timers.pop(reason, None))
-        session.timers[reason] = self._timers.call_later(delay, lambda: self._end(session, reason))
+        self._timers.rearm(session.timers, reason, delay, lambda: self._end(session, reason))
 
     def _touch(self, session: LiveAvatarSession) -> None:
         """Activity: the idle timeout starts over."""
@@ -728,9 +712,7 @@ class LiveAvatarEmulator(EmulatorServer):
         session.status = "ended"
         session.end_reason = reason
         self.ledger.close(session.session_id, reason)
-        for handle in session.timers.values():
-            self._timers.cancel(handle)
-        session.timers.clear()
+        self._timers.disarm(session.timers)
         for handle in session.gate_timers.values():
             self._timers.cancel(handle)
         session.gate_timers.clear()
@@ -791,7 +773,7 @@ class LiveAvatarEmulator(EmulatorServer):
         try:
             if peer not in session.connected_peers:
                 session.messages_before_connected += 1
-                raise _ProtocolError(
+                raise ProtocolError(
                     "message received before session.state_updated 'connected': dropped"
                 )
             message, size = _parse_message(raw, self.max_message_bytes)
@@ -808,8 +790,8 @@ class LiveAvatarEmulator(EmulatorServer):
             elif kind in _LISTENING_TYPES:
                 session.listening_events.append(kind)
             else:
-                raise _ProtocolError(f"unknown message type {kind!r}")
-        except _ProtocolError as exc:
+                raise ProtocolError(f"unknown message type {kind!r}")
+        except ProtocolError as exc:
             session.protocol_errors.append(str(exc))
             return
         if self.idle_reset_by_any_message:
@@ -819,7 +801,7 @@ class LiveAvatarEmulator(EmulatorServer):
         seconds = speak.audio_bytes / SAMPLE_WIDTH / SAMPLE_RATE
         owner = session.event_owner.get(speak.event_id)
         if owner is not None and owner.done and owner.outcome in ("queued", "playing"):
-            raise _ProtocolError(f"agent.speak for event_id {speak.event_id!r} after its speak_end")
+            raise ProtocolError(f"agent.speak for event_id {speak.event_id!r} after its speak_end")
         played = owner is None or owner.outcome in ("queued", "playing")
         session.speak_chunks.append(
             SpeakChunk(speak.event_id, speak.audio_bytes, speak.message_bytes, seconds, played)

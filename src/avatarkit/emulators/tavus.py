@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -45,8 +44,10 @@ from ._base import (
     ChannelPeer,
     EmulatorServer,
     LedgerEntry,
+    ProtocolError,
     Room,
     SpeechPlayback,
+    json_message,
     now_iso,
     read_json_object,
 )
@@ -82,10 +83,6 @@ _CONTROL_EVENTS = frozenset(
         "conversation.append_llm_context",
     }
 )
-
-
-class _ProtocolError(Exception):
-    """An app-message the room ignores; the text is recorded in ``protocol_errors``."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,28 +353,28 @@ def _parse_done(value: object) -> bool:
         return value
     if value in ("true", "false"):
         return value == "true"
-    raise _ProtocolError("properties.done must be a boolean or 'true'/'false'")
+    raise ProtocolError("properties.done must be a boolean or 'true'/'false'")
 
 
 def _parse_audio_echo(properties: Mapping[str, Any]) -> _AudioEcho:
     inference_id = properties.get("inference_id")
     if not isinstance(inference_id, str) or not inference_id:
-        raise _ProtocolError("properties.inference_id is required in audio mode")
+        raise ProtocolError("properties.inference_id is required in audio mode")
     sample_rate = properties.get("sample_rate", DEFAULT_SAMPLE_RATE)
     if isinstance(sample_rate, bool) or sample_rate not in SUPPORTED_SAMPLE_RATES:
-        raise _ProtocolError(
+        raise ProtocolError(
             f"properties.sample_rate must be one of {sorted(SUPPORTED_SAMPLE_RATES)},"
             f" got {sample_rate!r}"
         )
     audio = properties.get("audio")
     if not isinstance(audio, str):
-        raise _ProtocolError("properties.audio must be a base64 string")
+        raise ProtocolError("properties.audio must be a base64 string")
     try:
         pcm = base64.b64decode(audio, validate=True)
     except (binascii.Error, ValueError):
-        raise _ProtocolError("properties.audio is not valid base64") from None
+        raise ProtocolError("properties.audio is not valid base64") from None
     if len(pcm) % 2:
-        raise _ProtocolError(
+        raise ProtocolError(
             f"properties.audio has an odd byte count ({len(pcm)}); PCM16 needs 2 bytes a sample"
         )
     return _AudioEcho(
@@ -390,7 +387,7 @@ def _parse_audio_echo(properties: Mapping[str, Any]) -> _AudioEcho:
 def _parse_text_echo(properties: Mapping[str, Any]) -> _TextEcho:
     text = properties.get("text")
     if not isinstance(text, str) or not text:
-        raise _ProtocolError("properties.text must be a non-empty string in text mode")
+        raise ProtocolError("properties.text must be a non-empty string in text mode")
     inference_id = properties.get("inference_id")
     if not isinstance(inference_id, str) or not inference_id:
         inference_id = f"text-{secrets.token_hex(4)}"
@@ -399,22 +396,17 @@ def _parse_text_echo(properties: Mapping[str, Any]) -> _TextEcho:
 
 def _parse_app_message(raw: str, conversation_id: str) -> dict[str, Any]:
     """The message as an object, checked for the envelope every app-message shares."""
-    try:
-        message = json.loads(raw)
-    except ValueError:
-        raise _ProtocolError("message is not valid JSON") from None
-    if not isinstance(message, dict):
-        raise _ProtocolError("message is not a JSON object")
+    message = json_message(raw)
     if message.get("message_type") != "conversation":
-        raise _ProtocolError("message_type must be 'conversation'")
+        raise ProtocolError("message_type must be 'conversation'")
     if message.get("conversation_id") != conversation_id:
-        raise _ProtocolError(
+        raise ProtocolError(
             f"conversation_id {message.get('conversation_id')!r} does not match this room"
         )
     if message.get("properties") is None:
         message["properties"] = {}
     if not isinstance(message["properties"], dict):
-        raise _ProtocolError("properties must be an object")
+        raise ProtocolError("properties must be an object")
     return message
 
 
@@ -468,16 +460,11 @@ class TavusEmulator(EmulatorServer):
         error_shape: ErrorShape = "error_message",
     ) -> None:
         super().__init__(
-            api_keys=api_keys, faces=faces, accept_any_face=accept_any_face, host=host, port=port
-        )
-        if isinstance(max_concurrent, bool) or max_concurrent < 0:
-            raise ValueError("max_concurrent must be an integer >= 0")
-        if not 400 <= concurrency_limit_status <= 599:
-            raise ValueError("concurrency_limit_status must be an HTTP error status")
+            api_keys=api_keys, faces=faces, accept_any_face=accept_any_face, host=host,
+            port=port, max_concurrent=max_concurrent,
+            concurrency_limit_status=concurrency_limit_status)
         if error_shape not in _ERROR_SHAPES:
             raise ValueError(f"error_shape must be one of {sorted(_ERROR_SHAPES)}")
-        self.max_concurrent = max_concurrent
-        self.concurrency_limit_status = concurrency_limit_status
         self.error_shape: ErrorShape = error_shape
         self._pals: dict[str, TavusPal] = {}
         self._conversations: dict[str, TavusConversation] = {}
@@ -581,11 +568,8 @@ class TavusEmulator(EmulatorServer):
                 )
             if not self.has_face(face_id):
                 raise BadRequest(f"face (replica) {face_id!r} not found", status=404)
-            if not spec.test_mode and self.open_sessions >= self.max_concurrent:
-                raise BadRequest(
-                    "maximum concurrent conversations reached",
-                    status=self.concurrency_limit_status,
-                )
+            if not spec.test_mode:
+                self.check_capacity("maximum concurrent conversations reached")
         except ValueError as exc:
             return self._error_response(400, str(exc))
         except BadRequest as exc:
@@ -678,13 +662,8 @@ class TavusEmulator(EmulatorServer):
 
     def _schedule(self, conversation: TavusConversation, reason: str, delay: float) -> None:
         """(Re)arm the timer that ends ``conversation`` with ``reason`` after ``delay`` s."""
-        self._cancel_timer(conversation, reason)
-        conversation.timers[reason] = self._timers.call_later(
-            delay, lambda: self._end(conversation, reason)
-        )
-
-    def _cancel_timer(self, conversation: TavusConversation, reason: str) -> None:
-        self._timers.cancel(conversation.timers.pop(reason, None))
+        self._timers.rearm(conversation.timers, reason, delay,
+                           lambda: self._end(conversation, reason))
 
     def _end(self, conversation: TavusConversation, reason: str) -> None:
         if conversation.status == "ended":
@@ -692,9 +671,7 @@ class TavusEmulator(EmulatorServer):
         conversation.status = "ended"
         conversation.end_reason = reason
         self.ledger.close(conversation.conversation_id, reason)
-        for handle in conversation.timers.values():
-            self._timers.cancel(handle)
-        conversation.timers.clear()
+        self._timers.disarm(conversation.timers)
         conversation.playback.stop_silently()
         self._emit(conversation, "system.shutdown", properties={"reason": reason})
         conversation.room.close_all(WSCloseCode.OK, "conversation ended")
@@ -767,8 +744,8 @@ class TavusEmulator(EmulatorServer):
     def _participant_joined(self, conversation: TavusConversation, peer: ChannelPeer) -> None:
         conversation.room.add(peer)
         conversation.ever_joined = True
-        self._cancel_timer(conversation, "participant_absent_timeout")
-        self._cancel_timer(conversation, "participant_left_timeout")
+        self._timers.disarm(conversation.timers, "participant_absent_timeout")
+        self._timers.disarm(conversation.timers, "participant_left_timeout")
         event = _conversation_event(conversation, "system.replica_joined")
         conversation.events_sent.append(event)
         peer.send_json(event)
@@ -801,14 +778,14 @@ class TavusEmulator(EmulatorServer):
                 elif modality == "text":
                     self._on_text_echo(conversation, _parse_text_echo(properties))
                 else:
-                    raise _ProtocolError("properties.modality must be 'audio' or 'text'")
+                    raise ProtocolError("properties.modality must be 'audio' or 'text'")
             elif event_type == "conversation.interrupt":
                 self._on_interrupt(conversation)
             elif event_type in _CONTROL_EVENTS:
                 conversation.control_messages.append(message)
             else:
-                raise _ProtocolError(f"unknown event_type {event_type!r}")
-        except _ProtocolError as exc:
+                raise ProtocolError(f"unknown event_type {event_type!r}")
+        except ProtocolError as exc:
             conversation.protocol_errors.append(str(exc))
 
     def _on_audio_echo(self, conversation: TavusConversation, echo: _AudioEcho) -> None:
