@@ -17,15 +17,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import (
-    ConnectionClosed,
-    ConnectionClosedOK,
-    InvalidStatus,
-    WebSocketException,
-)
-
-from ..errors import AuthenticationError, NotFoundError, ProviderConnectionError
+from ..errors import ProviderConnectionError
+from ._ws import VendorSocket, to_ws_url
 
 __all__ = ["AppMessageChannel", "DailyChannel", "WebSocketChannel"]
 
@@ -63,74 +56,29 @@ class WebSocketChannel(AppMessageChannel):
     """App-messages over ``<conversation_url>/app-messages`` (the emulator's room channel)."""
 
     def __init__(self, *, open_timeout: float = 10.0) -> None:
-        self._open_timeout = open_timeout
-        self._ws: ClientConnection | None = None
+        self._socket = VendorSocket(provider=PROVIDER, what="conversation room",
+                                    open_timeout=open_timeout)
 
     @staticmethod
     def url_for(conversation_url: str, meeting_token: str | None) -> str:
-        base = conversation_url.rstrip("/")
-        if base.startswith("https://"):
-            base = "wss://" + base.removeprefix("https://")
-        elif base.startswith("http://"):
-            base = "ws://" + base.removeprefix("http://")
-        url = f"{base}/app-messages"
+        url = f"{to_ws_url(conversation_url.rstrip('/'))}/app-messages"
         return f"{url}?{urlencode({'t': meeting_token})}" if meeting_token else url
 
     async def connect(self, conversation_url: str, meeting_token: str | None) -> None:
-        url = self.url_for(conversation_url, meeting_token)
-        safe_url = url.split("?", 1)[0]  # the meeting token never reaches logs or errors
-        try:
-            self._ws = await connect(url, open_timeout=self._open_timeout, max_size=2**22,
-                                     compression=None)
-        except InvalidStatus as exc:
-            status = exc.response.status_code
-            error_cls = NotFoundError if status == 404 else (
-                AuthenticationError if status in (401, 403) else ProviderConnectionError)
-            raise error_cls(f"could not join the conversation room {safe_url}",
-                            provider=PROVIDER, status=status) from None
-        except (OSError, TimeoutError, WebSocketException) as exc:
-            raise ProviderConnectionError(
-                f"could not join the conversation room {safe_url}: {type(exc).__name__}",
-                provider=PROVIDER) from None
+        await self._socket.connect(self.url_for(conversation_url, meeting_token),
+                                   secrets=[meeting_token] if meeting_token else ())
 
     async def send(self, message: Mapping[str, Any]) -> None:
-        await self._send_text(json.dumps(message, separators=(",", ":")).encode())
+        await self._socket.send_json(message)
 
     async def send_encoded(self, message: bytes) -> None:
-        await self._send_text(message)
+        await self._socket.send_text(message)
 
-    async def _send_text(self, data: bytes) -> None:
-        if self._ws is None:
-            raise ProviderConnectionError("app-message channel is not connected",
-                                          provider=PROVIDER)
-        try:
-            await self._ws.send(data, text=True)
-        except ConnectionClosed as exc:
-            raise ProviderConnectionError(
-                f"app-message channel closed (code {exc.rcvd.code if exc.rcvd else 'none'})",
-                provider=PROVIDER) from None
-
-    async def messages(self) -> AsyncIterator[dict[str, Any]]:
-        ws = self._ws
-        if ws is None:
-            return
-        try:
-            async for raw in ws:
-                with contextlib.suppress(ValueError):
-                    message = json.loads(raw)
-                    if isinstance(message, dict):
-                        yield message
-        except ConnectionClosedOK:
-            return
-        except ConnectionClosed as exc:
-            code = exc.rcvd.code if exc.rcvd else "none"
-            raise ProviderConnectionError(f"app-message channel dropped (code {code})",
-                                          provider=PROVIDER) from None
+    def messages(self) -> AsyncIterator[dict[str, Any]]:
+        return self._socket.json_messages()
 
     async def aclose(self) -> None:
-        ws, self._ws = self._ws, None
-        if ws is not None:
-            await ws.close()
+        await self._socket.aclose()
 
 
 class DailyChannel(AppMessageChannel):

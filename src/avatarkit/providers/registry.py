@@ -21,8 +21,11 @@ ENTRY_POINT_GROUP = "avatarkit.providers"
 # Built-in adapters, imported only when asked for.
 _BUILTIN: dict[str, str] = {
     "tavus": "avatarkit.providers.tavus:TavusProvider",
+    "liveavatar": "avatarkit.providers.liveavatar:LiveAvatarProvider",
+    "simli": "avatarkit.providers.simli:SimliProvider",
+    "did": "avatarkit.providers.did:DIDProvider",
 }
-_BUILTIN_ALIASES: dict[str, str] = {}
+_BUILTIN_ALIASES: dict[str, str] = {"heygen": "liveavatar", "d-id": "did"}
 
 _registered: dict[str, type[Provider]] = {}
 _aliases: dict[str, str] = {}
