@@ -143,6 +143,8 @@ class Closed(_Event):
     """The session is closed; the last event of every session.
 
     ``vendor_ended`` is False only when the vendor session could not be confirmed ended.
+    ``error`` is the error that ended the session (a dropped channel, a vendor error) or that
+    kept it from being ended at the vendor; None for an orderly close.
     """
 
     type: Literal["closed"] = "closed"

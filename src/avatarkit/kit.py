@@ -32,6 +32,8 @@ from .errors import (
     ConfigError,
     ConsentCheck,
     ConsentRequired,
+    ErrorCategory,
+    ProviderError,
     SessionStateError,
 )
 from .metering.budget import BudgetGuard
@@ -44,7 +46,7 @@ from .metering.ledger import (
 )
 from .metering.reaper import ReapOutcome, end_row, reap_orphans
 from .providers._http import new_http_client
-from .providers.base import Provider
+from .providers.base import Provider, ProviderSession
 from .providers.registry import get_provider_class
 from .routing.health import HealthMonitor, ProviderHealth
 from .routing.policy import RoutingPolicy
@@ -116,6 +118,7 @@ class AvatarKit:
             currencies=(p.profile.currency for p in self._providers.values()))
         self._background: list[asyncio.Task[None]] = []
         self._uncertain: dict[asyncio.Task[None], tuple[Provider, SessionRow]] = {}
+        self._abandoned_starts: set[asyncio.Task[None]] = set()
         self._sessions: weakref.WeakSet[AvatarSession] = weakref.WeakSet()
         self._state = _KitState.UNOPENED
 
@@ -308,6 +311,54 @@ class AvatarKit:
         self._uncertain[task] = (provider, row)
         task.add_done_callback(lambda t: self._uncertain.pop(t, None))
 
+    def _finish_abandoned_start(self, provider: Provider, start: asyncio.Future[ProviderSession],
+                                row: SessionRow) -> None:
+        """The caller cancelled while ``start`` (a vendor start) was in flight. Let it finish
+        (for at most ``_ABANDONED_START_GRACE`` seconds) and end whatever it created, so a
+        cancelled ``kit.session()`` leaves nothing billed at any vendor, with or without a
+        way to look sessions up afterwards."""
+        task = asyncio.create_task(self._finish_start(provider, start, row),
+                                   name=f"avatarkit-abandoned-start-{row.row_id}")
+        self._abandoned_starts.add(task)
+        task.add_done_callback(self._abandoned_starts.discard)
+
+    async def _finish_start(self, provider: Provider, start: asyncio.Future[ProviderSession],
+                            row: SessionRow) -> None:
+        try:
+            async with asyncio.timeout(_ABANDONED_START_GRACE):
+                vendor = await asyncio.shield(start)
+        except ProviderError as exc:
+            if exc.category in (ErrorCategory.TIMEOUT, ErrorCategory.CONNECTIVITY):
+                await self._settle(provider, row, _SETTLE_DELAYS, abandon=True)
+            else:  # refused, or the adapter ended what it made
+                await self._ledger.mark_failed(row.row_id, reason=str(exc))
+            return
+        except (TimeoutError, asyncio.CancelledError):
+            # the kit is closing or the vendor hangs: stop waiting and look the session up
+            start.cancel()
+            with contextlib.suppress(BaseException):
+                await start
+            with contextlib.suppress(AvatarKitError):
+                await self._settle(provider, row, (0.0,), abandon=False)
+            return
+        except Exception as exc:  # an adapter bug: it ended what it made (its contract)
+            await self._ledger.mark_failed(row.row_id, reason=f"{type(exc).__name__}: {exc}")
+            return
+        with contextlib.suppress(AvatarKitError):  # the row is a record; the vendor end matters
+            await self._ledger.mark_open(row.row_id, vendor_session_id=vendor.vendor_session_id,
+                                         billing_started_at=row.created_at)
+        try:
+            async with asyncio.timeout(_ABANDONED_START_GRACE):
+                await vendor.end()
+        except (ProviderError, TimeoutError) as exc:
+            logger.warning("could not end %s session %s after its start was cancelled: %s "
+                           "(left to the reaper)", row.provider, vendor.vendor_session_id, exc)
+            return
+        await self._ledger.mark_ended(row.row_id, billed_seconds=vendor.billed_seconds,
+                                      reason="start cancelled by the caller; ended")
+        logger.info("ended %s session %s: its start was cancelled by the caller",
+                    row.provider, vendor.vendor_session_id)
+
     async def _settle(self, provider: Provider, row: SessionRow, delays: Sequence[float], *,
                       abandon: bool) -> None:
         """Look for ``row``'s session after each delay and end it when found. With
@@ -362,6 +413,15 @@ class AvatarKit:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._background.clear()
+        # Starts a caller cancelled: let them finish and end what they made (bounded).
+        if self._abandoned_starts:
+            _done, pending = await asyncio.wait(list(self._abandoned_starts),
+                                                timeout=_ABANDONED_START_GRACE)
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         # Creates still unsettled: one last look at the vendor before the providers close
         # (a row left "creating" is the reaper's once this process is gone).
         for task, (provider, row) in list(self._uncertain.items()):
@@ -389,6 +449,8 @@ class AvatarKit:
 _DEFAULT_RULES = RoutingPolicy(objective="config-order")
 #: when to look for a session whose create call timed out (seconds between looks, ~1 min)
 _SETTLE_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+#: How long a start the caller cancelled may still run before the kit stops waiting for it.
+_ABANDONED_START_GRACE = 60.0
 
 
 

@@ -467,8 +467,11 @@ class AvatarSession:
             currency=profile.currency)
         requested = time.monotonic()
         requested_at = datetime.now(UTC)
+        # A caller that gives up (cancels) does not cancel the vendor start: the create may
+        # already be billed, and only the finished start knows what to end.
+        start = asyncio.ensure_future(provider.start(request))
         try:
-            vendor = await provider.start(request)
+            vendor = await asyncio.shield(start)
         except ProviderError as exc:
             if exc.category in (ErrorCategory.TIMEOUT, ErrorCategory.CONNECTIVITY):
                 # The create may have reached the vendor and succeed there after we gave up:
@@ -479,7 +482,7 @@ class AvatarSession:
                                                              reason=_describe(exc)))
             raise
         except asyncio.CancelledError:
-            kit._settle_uncertain_create(provider, row)  # the create may still land
+            kit._finish_abandoned_start(provider, start, row)  # ends what the start makes
             raise
         except BaseException as exc:
             await asyncio.shield(kit._ledger.mark_failed(row.row_id, reason=_describe(exc)))
@@ -839,7 +842,8 @@ class AvatarSession:
                 "reason": reason, "billed_seconds": round(self.billed_seconds, 3),
                 "vendor_ended": all(a.vendor.ended for a in self._attempts),
                 "providers": ",".join(self.providers_used)}))
-        self._finish_close(reason=reason, error=self._end_failure)
+        vendor_error = self._vendor_failure.error if self._vendor_failure else None
+        self._finish_close(reason=reason, error=self._end_failure or vendor_error)
 
     async def _log_quietly(self, record: GenerationRecord) -> None:
         """Log to the generation log without letting a store failure wedge a close."""
