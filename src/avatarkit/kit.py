@@ -328,7 +328,8 @@ class AvatarKit:
             async with asyncio.timeout(_ABANDONED_START_GRACE):
                 vendor = await asyncio.shield(start)
         except ProviderError as exc:
-            if exc.category in (ErrorCategory.TIMEOUT, ErrorCategory.CONNECTIVITY):
+            if provider.uncertain_creates and exc.category in (ErrorCategory.TIMEOUT,
+                                                              ErrorCategory.CONNECTIVITY):
                 await self._settle(provider, row, _SETTLE_DELAYS, abandon=True)
             else:  # refused, or the adapter ended what it made
                 await self._ledger.mark_failed(row.row_id, reason=str(exc))

@@ -473,7 +473,8 @@ class AvatarSession:
         try:
             vendor = await asyncio.shield(start)
         except ProviderError as exc:
-            if exc.category in (ErrorCategory.TIMEOUT, ErrorCategory.CONNECTIVITY):
+            if provider.uncertain_creates and exc.category in (ErrorCategory.TIMEOUT,
+                                                              ErrorCategory.CONNECTIVITY):
                 # The create may have reached the vendor and succeed there after we gave up:
                 # the kit looks for it by the session's name and ends it.
                 kit._settle_uncertain_create(provider, row)

@@ -9,6 +9,8 @@ one where the caller sends its own audio. This fake serves:
   URL, a client token and a *different* agent token (one shared token kicked the bot out of the
   room, Pipecat PR #2266), ``max_session_duration`` and the ``ws_url``. The meter starts here.
 * ``POST /v1/sessions/keep-alive`` (Bearer) — resets the idle timer.
+* ``GET /v1/avatars`` (``X-API-KEY``) — lists the known avatars (the SDK's health probe: it is
+  authenticated, unbilled and creates nothing).
 * ``POST /v1/sessions/stop`` and ``DELETE /v1/sessions`` (Bearer) — end the session. Closing the
   WebSocket alone does **not** end it: it stays billed until stopped or timed out (livekit/agents
   #4193), which is the leak this fake exists to catch.
@@ -56,6 +58,8 @@ Behaviour this fake chooses where the contract is unverified (and how to change 
   for an event id that was interrupted or already finished is ignored (counted in
   ``ignored_chunks``); audio for an event id after its ``agent.speak_end`` is a protocol error.
 * Several WebSockets may be open on one session at once (a reconnect); events go to all.
+* ``GET /v1/avatars`` answers ``data.results`` as ``[{"avatar_id": ...}]`` for the known faces
+  (the sandbox stock avatar not included); the vendor's list shape and paging are unverified.
 * A BYO ``livekit_config`` (either field vocabulary) is recorded but does not change the URLs
   and tokens ``start`` returns.
 """
@@ -110,6 +114,7 @@ SANDBOX_MAX_SESSION_DURATION = 60
 SANDBOX_AVATAR_ID = "dd73ea75-1218-4ef3-92ce-606d5f7fbc0a"
 SUCCESS_CODE = 1000
 TOKEN_PATH = "/v1/sessions/token"
+AVATARS_PATH = "/v1/avatars"
 
 _ERROR_SHAPES: frozenset[str] = frozenset(get_args(ErrorShape))
 _VIDEO_QUALITIES = frozenset({"very_high", "high", "medium", "low"})
@@ -538,6 +543,7 @@ class LiveAvatarEmulator(EmulatorServer):
         route(app, "POST", TOKEN_PATH, self._handle_token, operation="create")
         route(app, "POST", "/v1/sessions/start", self._handle_start, operation="create")
         route(app, "POST", "/v1/sessions/keep-alive", self._handle_keep_alive)
+        route(app, "GET", AVATARS_PATH, self._handle_avatars)
         for method, path, status in (
             ("POST", "/v1/sessions/stop", self.post_stop_status),
             ("DELETE", "/v1/sessions", self.delete_stop_status),
@@ -550,8 +556,9 @@ class LiveAvatarEmulator(EmulatorServer):
         app.router.add_get("/v1/lite/{session_id}", self._handle_websocket)
 
     def _is_authorized(self, request: web.Request) -> bool:
-        """The API key mints tokens; every other vendor route takes the session token."""
-        if request.path == TOKEN_PATH:
+        """The API key mints tokens and lists avatars; every other vendor route takes the
+        session token."""
+        if request.path in (TOKEN_PATH, AVATARS_PATH):
             return super()._is_authorized(request)
         return self._session_for(request) is not None
 
@@ -640,6 +647,10 @@ class LiveAvatarEmulator(EmulatorServer):
         self._by_token[session.session_token] = session
         data = {"session_id": session.session_id, "session_token": session.session_token}
         return self._envelope(data, "Session token created")
+
+    async def _handle_avatars(self, request: web.Request) -> web.Response:
+        avatars = [{"avatar_id": face_id} for face_id in sorted(self.faces)]
+        return self._envelope({"results": avatars}, "Avatars listed")
 
     async def _handle_start(self, request: web.Request) -> web.Response:
         try:

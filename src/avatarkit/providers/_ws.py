@@ -11,6 +11,8 @@ log line or an error message.
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +29,24 @@ from ..errors import ProviderConnectionError, ProviderError
 from ._http import error_from_response
 
 __all__ = ["VendorSocket", "to_ws_url"]
+
+_QUERY_STRING = re.compile(r"\?\S*")
+
+
+class _RedactQueryStrings(logging.Filter):
+    """websockets logs the handshake's request line at DEBUG, query string (a session token)
+    included: mask it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_QUERY_STRING.sub("?***", arg) if isinstance(arg, str) else arg
+                                for arg in record.args)
+        return True
+
+
+#: the logger websockets uses for our sockets (instead of "websockets.client")
+_WS_LOGGER = logging.getLogger("avatarkit.ws")
+_WS_LOGGER.addFilter(_RedactQueryStrings())
 
 
 def to_ws_url(url: str) -> str:
@@ -63,7 +83,8 @@ class VendorSocket:
         try:
             self._ws = await connect(to_ws_url(url), open_timeout=self._open_timeout,
                                      max_size=self._max_size, compression=None,
-                                     additional_headers=dict(headers or {}))
+                                     additional_headers=dict(headers or {}),
+                                     logger=_WS_LOGGER)
         except InvalidStatus as exc:
             raise self._refused(exc, safe_url, secrets) from None
         except (OSError, TimeoutError, WebSocketException) as exc:
