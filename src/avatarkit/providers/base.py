@@ -262,6 +262,17 @@ class Provider(ABC):
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
     settings_model: ClassVar[type[ProviderSettings]] = ProviderSettings
+    #: How the adapter talks to the vendor, in a line (the support matrix shows it).
+    wire: ClassVar[str] = ""
+    #: Contract points the adapter relies on that are not confirmed by the vendor.
+    unverified: ClassVar[tuple[str, ...]] = ()
+    #: Whether a start that fails on a timeout or a lost connection may have left a billed
+    #: session the adapter could not end (its create reached the vendor, the answer did not
+    #: come back). The kit then searches for it (``find_session``). An adapter that can always
+    #: end what it began (it holds a handle before anything bills) sets this False.
+    uncertain_creates: ClassVar[bool] = True
+    #: Settings variants worth a row of their own in the support matrix (by label).
+    documented_variants: ClassVar[dict[str, dict[str, object]]] = {}
 
     def __init__(self, settings: ProviderSettings, *, http: httpx.AsyncClient,
                  instance_name: str | None = None) -> None:

@@ -93,6 +93,20 @@ class TavusProvider(Provider):
 
     name = "tavus"
     settings_model = TavusSettings
+    wire = ("`POST /v2/conversations` (echo-mode PAL + face; `x-api-key`, idempotency key) "
+            "starts billing; audio as base64 PCM16 24 kHz mono `conversation.echo` "
+            "app-messages of ~100 ms through the Daily room, one `inference_id` per utterance, "
+            "`done: true` last; `conversation.interrupt`; speech events "
+            "`conversation.replica.started/stopped_speaking`; `system.shutdown` when Tavus "
+            "ends it; `POST /v2/conversations/{id}/end` on every exit. Viewers join the Daily "
+            "room. Health probe: list ended conversations; lookup by conversation name.")
+    unverified = (
+        "Error body shape, and the status codes for the concurrency limit, out of credits "
+        "and rate limits (all mapped by status class).",
+        "The list price (about $0.32/min is third-party): set `price_per_minute`.",
+        "Regions and compliance claims: set `regions` yourself.",
+        "How long `persona_id`/`replica_id` keep working (`vocabulary = \"persona\"`).",
+    )
 
     def __init__(self, settings: ProviderSettings, *, http: httpx.AsyncClient,
                  instance_name: str | None = None) -> None:
