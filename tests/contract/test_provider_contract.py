@@ -37,9 +37,10 @@ from avatarkit.emulators._base import EmulatorServer
 from ..conftest import CONSENT, consent_config, eventually, next_event, sdk_tasks, send_speech
 from .harness import VendorHarness
 from .harness_liveavatar import LiveAvatarHarness
+from .harness_simli import SimliHarness
 from .harness_tavus import TavusHarness
 
-HARNESSES: list[VendorHarness] = [TavusHarness(), LiveAvatarHarness()]
+HARNESSES: list[VendorHarness] = [TavusHarness(), LiveAvatarHarness(), SimliHarness()]
 
 KitMaker = Callable[..., AvatarKit]
 

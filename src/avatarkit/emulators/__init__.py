@@ -7,8 +7,9 @@ Python (``emu.faults``) or its ``/_emulator/*`` control API::
     async with TavusEmulator(faces=["f1"], pals={"p1": "f1"}) as emu:
         ...  # point the SDK at emu.url with api key "test-key"
 
-Vendors: ``tavus`` (:class:`TavusEmulator`) and ``liveavatar`` (:class:`LiveAvatarEmulator`,
-HeyGen LiveAvatar in LITE mode).
+Vendors: ``tavus`` (:class:`TavusEmulator`), ``liveavatar`` (:class:`LiveAvatarEmulator`,
+HeyGen LiveAvatar in LITE mode) and ``simli`` (:class:`SimliEmulator`; its peer-to-peer media
+needs the ``webrtc`` extra).
 
 Needs the ``emulators`` extra (aiohttp).
 """
@@ -22,6 +23,7 @@ from typing import Protocol
 
 from ._base import EmulatorFaults, EmulatorServer, RequestRecord
 from .liveavatar import LiveAvatarEmulator, LiveAvatarSession, LiveAvatarUtterance, SpeakChunk
+from .simli import SimliEmulator, SimliSessionRecord
 from .tavus import TavusConversation, TavusEmulator, TavusPal
 
 __all__ = [
@@ -33,6 +35,8 @@ __all__ = [
     "LiveAvatarSession",
     "LiveAvatarUtterance",
     "RequestRecord",
+    "SimliEmulator",
+    "SimliSessionRecord",
     "SpeakChunk",
     "TavusConversation",
     "TavusEmulator",
@@ -62,10 +66,17 @@ def _liveavatar_for_cli(
                               max_concurrent=max_concurrent)
 
 
+def _simli_for_cli(*, api_key: str, host: str, port: int, max_concurrent: int) -> EmulatorServer:
+    # As for Tavus: command-line users cannot pre-register faces, so any face id exists.
+    return SimliEmulator(api_keys=[api_key], host=host, port=port, accept_any_face=True,
+                         max_concurrent=max_concurrent)
+
+
 #: Emulators ``run_emulators`` can start, by vendor name. Error messages list them in this order.
 EMULATORS: dict[str, EmulatorFactory] = {
     "tavus": _tavus_for_cli,
     "liveavatar": _liveavatar_for_cli,
+    "simli": _simli_for_cli,
 }
 
 

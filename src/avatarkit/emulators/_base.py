@@ -501,6 +501,11 @@ class ChannelPeer:
         if not self.closed_by_emulator:
             self._outbox.put_nowait(json.dumps(payload))
 
+    def send_text(self, text: str) -> None:
+        """Queue a raw text frame (channels that speak plain lines, e.g. Simli's)."""
+        if not self.closed_by_emulator:
+            self._outbox.put_nowait(text)
+
     def close(self, code: int, reason: str = "") -> None:
         if not self.closed_by_emulator:
             self.closed_by_emulator = True
