@@ -48,6 +48,7 @@ from .errors import (
     AllProvidersFailed,
     AvatarKitError,
     BudgetExceeded,
+    CapabilityError,
     ConsentCheck,
     ConsentOutOfScope,
     ConsentViolation,
@@ -942,7 +943,11 @@ class AvatarSession:
         vendor's acknowledgement, then returns an estimate: it never hangs."""
         # No switch lock: an interrupt must not wait out a failover. The target leaves the
         # replay set at once, so a switch in progress does not replay it.
-        vendor = self._live_attempt("interrupt()").vendor
+        attempt = self._live_attempt("interrupt()")
+        vendor = attempt.vendor
+        if not attempt.profile.capabilities.interrupt:
+            raise CapabilityError(f"{attempt.provider} cannot interrupt speech (a policy with "
+                                  "require = [\"interrupt\"] routes around it)")
         now = time.monotonic()
         target = self._sending or self._latest_unfinished()
         self._sending = None

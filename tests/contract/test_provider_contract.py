@@ -36,11 +36,13 @@ from avatarkit.emulators._base import EmulatorServer
 
 from ..conftest import CONSENT, consent_config, eventually, next_event, sdk_tasks, send_speech
 from .harness import VendorHarness
+from .harness_did import DIDHarness
 from .harness_liveavatar import LiveAvatarHarness
 from .harness_simli import SimliHarness
 from .harness_tavus import TavusHarness
 
-HARNESSES: list[VendorHarness] = [TavusHarness(), LiveAvatarHarness(), SimliHarness()]
+HARNESSES: list[VendorHarness] = [TavusHarness(), LiveAvatarHarness(), SimliHarness(),
+                                  DIDHarness()]
 
 KitMaker = Callable[..., AvatarKit]
 

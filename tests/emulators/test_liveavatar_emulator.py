@@ -955,7 +955,7 @@ async def test_aclose_is_idempotent_and_leaves_no_tasks() -> None:
 
 async def test_run_emulators_knows_liveavatar() -> None:
     assert "liveavatar" in EMULATORS
-    with pytest.raises(ValueError, match="valid names: tavus, liveavatar"):
+    with pytest.raises(ValueError, match="valid names: tavus, liveavatar, simli, did"):
         run_emulators(["heygen"], api_key="k")
 
 

@@ -8,8 +8,9 @@ Python (``emu.faults``) or its ``/_emulator/*`` control API::
         ...  # point the SDK at emu.url with api key "test-key"
 
 Vendors: ``tavus`` (:class:`TavusEmulator`), ``liveavatar`` (:class:`LiveAvatarEmulator`,
-HeyGen LiveAvatar in LITE mode) and ``simli`` (:class:`SimliEmulator`; its peer-to-peer media
-needs the ``webrtc`` extra).
+HeyGen LiveAvatar in LITE mode), ``simli`` (:class:`SimliEmulator`) and ``did``
+(:class:`DIDEmulator`, D-ID Agents streams); the last two serve real WebRTC media, which needs
+the ``webrtc`` extra.
 
 Needs the ``emulators`` extra (aiohttp).
 """
@@ -22,12 +23,17 @@ from contextlib import AsyncExitStack
 from typing import Protocol
 
 from ._base import EmulatorFaults, EmulatorServer, RequestRecord
+from .did import DIDAudio, DIDClip, DIDEmulator, DIDStream, did_for_cli
 from .liveavatar import LiveAvatarEmulator, LiveAvatarSession, LiveAvatarUtterance, SpeakChunk
 from .simli import SimliEmulator, SimliSessionRecord
 from .tavus import TavusConversation, TavusEmulator, TavusPal
 
 __all__ = [
     "EMULATORS",
+    "DIDAudio",
+    "DIDClip",
+    "DIDEmulator",
+    "DIDStream",
     "EmulatorFactory",
     "EmulatorFaults",
     "EmulatorServer",
@@ -77,6 +83,7 @@ EMULATORS: dict[str, EmulatorFactory] = {
     "tavus": _tavus_for_cli,
     "liveavatar": _liveavatar_for_cli,
     "simli": _simli_for_cli,
+    "did": did_for_cli,
 }
 
 

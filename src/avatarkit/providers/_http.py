@@ -415,6 +415,7 @@ class VendorHttp:
         path: str,
         *,
         json: object = None,
+        files: Mapping[str, tuple[str, bytes, str]] | None = None,
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
@@ -422,6 +423,8 @@ class VendorHttp:
         ok_statuses: Container[int] | None = None,
     ) -> httpx.Response:
         """Send one call, retrying as the policy says; return the 2xx (or ``ok_statuses``) response.
+
+        ``files`` sends a multipart form instead of JSON (``{field: (filename, bytes, type)}``).
 
         Raises the typed :class:`~avatarkit.errors.ProviderError` of the last attempt.
         """
@@ -441,6 +444,7 @@ class VendorHttp:
                 method,
                 url,
                 json=json,
+                files=files,
                 params=params,
                 extra_headers=extra_headers,
                 attempt=f"{tries}/{attempts}",
@@ -470,6 +474,7 @@ class VendorHttp:
         path: str,
         *,
         json: object = None,
+        files: Mapping[str, tuple[str, bytes, str]] | None = None,
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
@@ -481,6 +486,7 @@ class VendorHttp:
             method,
             path,
             json=json,
+            files=files,
             params=params,
             headers=headers,
             idempotency_key=idempotency_key,
@@ -518,6 +524,7 @@ class VendorHttp:
         url: httpx.URL,
         *,
         json: object,
+        files: Mapping[str, tuple[str, bytes, str]] | None,
         params: Mapping[str, str] | None,
         extra_headers: Mapping[str, str],
         attempt: str,
@@ -534,6 +541,7 @@ class VendorHttp:
                 method,
                 url,
                 json=json,
+                files=files,
                 params=params,
                 headers={**auth, **extra_headers},
                 timeout=httpx.USE_CLIENT_DEFAULT if self._timeout is None else self._timeout,

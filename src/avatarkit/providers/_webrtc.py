@@ -7,6 +7,11 @@ way the received video is decoded to RGB :class:`~avatarkit.media.VideoFrame` va
 :meth:`~WebRTCReceiver.frames`; a slow reader loses the oldest frames, never memory. Received
 audio is drained (the avatar's voice is the audio we sent).
 
+A data channel the vendor opens (D-ID's offer carries one) is adopted: its text messages go to
+the ``on_message`` callback and :meth:`~WebRTCReceiver.send_data` writes to it. ``on_closed``
+reports, once, a connection that failed or that the vendor closed (never one closed by
+:meth:`~WebRTCReceiver.aclose`).
+
 aiortc gathers every ICE candidate before it returns a description, so the SDP we send already
 holds them; :meth:`~WebRTCReceiver.local_candidates` lists them for vendors that want them
 trickled as well. Needs the ``webrtc`` extra (aiortc); nothing here is imported by
@@ -64,7 +69,13 @@ class WebRTCReceiver:
 
     def __init__(self, *, provider: str, ice_servers: Sequence[Mapping[str, Any]] = (),
                  max_queued_frames: int = 50,
-                 on_failed: Callable[[str], None] | None = None) -> None:
+                 on_failed: Callable[[str], None] | None = None,
+                 on_message: Callable[[str], None] | None = None,
+                 on_closed: Callable[[str], None] | None = None) -> None:
+        """``on_failed`` is called when ICE/DTLS fails; ``on_closed`` once when the connection
+        is lost (failed, or closed by the vendor); ``on_message`` with each text message (UTF-8
+        decoded binary ones too) received on the vendor's data channel. Callbacks run on the
+        event loop and must not block; an exception in one is logged, not raised."""
         try:
             from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
         except ImportError:
@@ -81,10 +92,19 @@ class WebRTCReceiver:
         self._first_pts: float | None = None
         self._closed = False
         self._on_failed = on_failed
+        self._on_message = on_message
+        self._on_closed = on_closed
+        self._lost = False
+        self._channel: Any = None
         #: frames decoded so far, and frames dropped because nobody read them in time
         self.frames_received = 0
         self.frames_dropped = 0
+        #: data-channel messages received and sent
+        self.messages_received = 0
+        self.messages_sent = 0
         self.connected = asyncio.Event()
+        #: set once the vendor's data channel is open (never, for vendors without one)
+        self.data_channel_open = asyncio.Event()
 
         @self._pc.on("track")
         def on_track(track: Any) -> None:
@@ -102,6 +122,61 @@ class WebRTCReceiver:
                 logger.warning("%s: WebRTC connection failed", provider)
                 if self._on_failed is not None:
                     self._on_failed("WebRTC connection failed")
+                self._report_lost("WebRTC connection failed")
+            elif state == "closed" and not self._closed:
+                logger.warning("%s: the vendor closed the WebRTC connection", provider)
+                self._report_lost("the vendor closed the WebRTC connection")
+
+        @self._pc.on("datachannel")
+        def on_datachannel(channel: Any) -> None:
+            self._adopt_channel(channel)
+
+    def _report_lost(self, reason: str) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        if self._on_closed is not None:
+            self._call(self._on_closed, reason)
+
+    def _call(self, callback: Callable[[str], None], value: str) -> None:
+        try:
+            callback(value)
+        except Exception:  # a callback bug must not break aiortc's event dispatch
+            logger.exception("%s: WebRTC callback failed", self.provider)
+
+    def _adopt_channel(self, channel: Any) -> None:
+        """Use the data channel the vendor opened (the first one; later ones are ignored)."""
+        if self._channel is not None:
+            logger.debug("%s: ignoring extra data channel %r", self.provider, channel.label)
+            return
+        self._channel = channel
+
+        def opened() -> None:
+            self.data_channel_open.set()
+
+        def on_message(message: str | bytes) -> None:
+            if self._closed:
+                return
+            text = message if isinstance(message, str) else message.decode("utf-8", "replace")
+            self.messages_received += 1
+            if self._on_message is not None:
+                self._call(self._on_message, text)
+
+        channel.on("message", on_message)
+        if channel.readyState == "open":
+            opened()
+        else:
+            channel.on("open", opened)
+
+    def send_data(self, text: str) -> None:
+        """Send ``text`` on the vendor's data channel. Raises ``ProviderConnectionError`` when
+        no data channel is open (none was offered, it is not open yet, or it closed)."""
+        channel = self._channel
+        if self._closed or channel is None or channel.readyState != "open":
+            raise ProviderConnectionError("the WebRTC data channel is not open",
+                                          provider=self.provider)
+        channel.send(text)
+        self.messages_sent += 1
 
     @staticmethod
     def available() -> bool:
