@@ -224,3 +224,4 @@ async def test_price_cap_excludes_an_unknown_price(
         assert excluded.excluded_by == "max_price_per_minute"
         assert "unknown" in (excluded.reason or "")
     assert creates(tavus_emulator) == 0
+

@@ -22,7 +22,7 @@ from .errors import AvatarKitError
 
 __all__ = ["main"]
 
-EMULATORS = ("tavus", "liveavatar")
+EMULATORS = ("tavus", "liveavatar", "simli", "did")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="the key the emulators accept (default: test-key)")
     emulate.add_argument("--max-concurrent", type=int, default=10,
                          help="open sessions allowed per account (default: 10)")
+
+    providers = sub.add_parser("providers", help="the provider support matrix (Markdown)")
+    providers.add_argument("--config", help="show the providers of this config file (prices "
+                           "and regions as configured) instead of the built-in defaults")
 
     route = sub.add_parser("route", help="show which provider a session would use, and why")
     route.add_argument("--config", required=True, help="the TOML config file")
@@ -113,6 +117,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "route":
             return _route(args)
+        if args.command == "providers":
+            from ._config import KitConfig
+            from .providers.matrix import support_matrix
+
+            configured = KitConfig.from_toml(args.config).providers if args.config else None
+            print(support_matrix(configured), end="")
+            return 0
         if args.command == "sessions":
             from .metering._cli import run_sessions
 

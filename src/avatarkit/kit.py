@@ -345,6 +345,17 @@ class AvatarKit:
         except Exception as exc:  # an adapter bug: it ended what it made (its contract)
             await self._ledger.mark_failed(row.row_id, reason=f"{type(exc).__name__}: {exc}")
             return
+        # From here a vendor session exists: a kit closing meanwhile waits for its end
+        # (bounded) instead of cancelling it half-way.
+        ending = asyncio.ensure_future(self._end_abandoned(vendor, row))
+        try:
+            await asyncio.shield(ending)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                await ending
+            raise
+
+    async def _end_abandoned(self, vendor: ProviderSession, row: SessionRow) -> None:
         with contextlib.suppress(AvatarKitError):  # the row is a record; the vendor end matters
             await self._ledger.mark_open(row.row_id, vendor_session_id=vendor.vendor_session_id,
                                          billing_started_at=row.created_at)
@@ -419,6 +430,8 @@ class AvatarKit:
             _done, pending = await asyncio.wait(list(self._abandoned_starts),
                                                 timeout=_ABANDONED_START_GRACE)
             for task in pending:
+                logger.warning("a cancelled start is still running after %.0f s; giving up "
+                               "on it (the reaper ends what it made)", _ABANDONED_START_GRACE)
                 task.cancel()
             for task in pending:
                 with contextlib.suppress(asyncio.CancelledError):

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
 import pytest
 from aiohttp import web
+from pydantic import SecretStr
 
 from avatarkit import (
     AuthenticationError,
@@ -33,6 +36,8 @@ from avatarkit.consent.authority import ConsentAuthority
 from avatarkit.disclosure.metadata import DisclosureMetadata
 from avatarkit.emulators import LiveAvatarEmulator
 from avatarkit.emulators.liveavatar import MAX_MESSAGE_BYTES, LiveAvatarSession
+from avatarkit.join import JoinInfo
+from avatarkit.media import AudioChunk
 from avatarkit.providers import SessionRequest, get_provider_class
 from avatarkit.providers.liveavatar import (
     LiveAvatarProvider,
@@ -632,3 +637,98 @@ async def test_probe_lists_avatars_with_the_api_key(kit_for: KitMaker) -> None:
         assert [(m, p, st) for m, p, st in paths(emu)] == [
             ("GET", "/v1/avatars", 200), ("GET", "/v1/avatars", 401)]
         assert not emu.sessions
+
+
+# -- races (review findings) ------------------------------------------------------------------
+
+
+class _StallingSocket:
+    """A LITE socket double that records each frame when written and can stall in the drain
+    that follows (websockets writes, then waits for the buffer under backpressure)."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.drained = asyncio.Event()
+        self.drained.set()
+        self.inbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+    async def send_text(self, data: str | bytes) -> None:
+        self.sent.append(json.loads(data))
+        await self.drained.wait()
+
+    async def json_messages(self) -> AsyncIterator[dict[str, Any]]:
+        while (message := await self.inbox.get()) is not None:
+            yield message
+
+    async def aclose(self) -> None:
+        self.inbox.put_nowait(None)
+
+
+def _raw_session(socket: _StallingSocket) -> AdapterSession:
+    provider = LiveAvatarProvider(LiveAvatarSettings(api_key="k", base_url="http://unused"),
+                                  http=httpx.AsyncClient())
+
+    async def stopped(api: object, session_id: str) -> None:
+        return None
+
+    provider._stop = stopped  # type: ignore[method-assign]
+    join = JoinInfo(kind="livekit", url="wss://room", token=SecretStr("t"),
+                    disclosure=DisclosureMetadata(generation_id="g", provider="liveavatar",
+                                                  avatar="amelia"))
+    return AdapterSession(provider, session_id="s1", api=provider.api,
+                          socket=socket, join=join)  # type: ignore[arg-type]
+
+
+def _pcm(seconds: float) -> AudioChunk:
+    return AudioChunk.from_pcm16(b"\x01\x00" * int(24_000 * seconds), sample_rate=24_000,
+                                 channels=1)
+
+
+async def test_no_audio_of_an_interrupted_utterance_follows_the_interrupt() -> None:
+    socket = _StallingSocket()
+    s = _raw_session(socket)
+    socket.inbox.put_nowait({"type": "session.state_updated", "state": "connected"})
+    await s.wait_connected()
+    await s.send_audio(_pcm(0.7), utterance_id="A")
+    socket.drained.clear()  # backpressure: the next send waits in its drain
+    # B's first send finishes A first and waits on the socket; the app interrupts meanwhile
+    send = asyncio.create_task(s.send_audio(_pcm(1.0), utterance_id="B"))
+    await asyncio.sleep(0.01)
+    interrupt = asyncio.create_task(s.interrupt())
+    await asyncio.sleep(0.01)
+    socket.drained.set()
+    await send
+    await interrupt
+    kinds = [(m["type"], m.get("event_id")) for m in socket.sent]
+    after = kinds[kinds.index(("agent.interrupt", None)) + 1:]
+    assert ("agent.speak", "B") not in after
+    await s.end()
+
+
+async def test_wait_connected_returns_when_the_session_ends_first() -> None:
+    s = _raw_session(_StallingSocket())
+    waiter = asyncio.create_task(s.wait_connected())
+    await asyncio.sleep(0.01)
+    await s.end()
+    with pytest.raises(ProviderConnectionError, match="before it connected"):
+        async with asyncio.timeout(1):
+            await waiter
+
+
+async def test_a_closing_kit_waits_for_the_end_of_a_cancelled_start(
+        kit_for: KitMaker, monkeypatch: pytest.MonkeyPatch) -> None:
+    import avatarkit.kit as kit_module
+
+    monkeypatch.setattr(kit_module, "_ABANDONED_START_GRACE", 1.0)
+    async with serving() as emu:
+        async with kit_for(emu) as kit:
+            emu.faults.slow_next(2, 0.35, route="create")  # token, then start: ~0.7 s
+            emu.faults.slow_next(1, 0.8, route="end")  # the stop outlasts the kit's wait
+            s = kit.session("amelia", consent=CONSENT, purpose="support")
+            start = asyncio.create_task(s.start())
+            await eventually(lambda: any(r.path == "/v1/sessions/token" for r in emu.requests))
+            start.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await start
+        # kit.aclose() let the stop finish instead of cancelling it half-way
+        assert emu.open_sessions == 0

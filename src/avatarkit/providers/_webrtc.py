@@ -240,23 +240,25 @@ class WebRTCReceiver:
     async def _pump_video(self, track: Any) -> None:
         from aiortc.mediastreams import MediaStreamError
 
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                break
-            t = float(frame.time) if frame.time is not None else 0.0
-            if self._first_pts is None:
-                self._first_pts = t
-            video = VideoFrame(frame.to_ndarray(format="rgb24"),
-                               timestamp=max(0.0, t - self._first_pts))
-            self.frames_received += 1
-            if self._frames.full():
-                with contextlib.suppress(asyncio.QueueEmpty):
-                    self._frames.get_nowait()
-                    self.frames_dropped += 1
-            self._frames.put_nowait(video)
-        self._end_frames()
+        try:
+            while True:
+                try:
+                    frame = await track.recv()
+                except MediaStreamError:
+                    break
+                t = float(frame.time) if frame.time is not None else 0.0
+                if self._first_pts is None:
+                    self._first_pts = t
+                video = VideoFrame(frame.to_ndarray(format="rgb24"),
+                                   timestamp=max(0.0, t - self._first_pts))
+                self.frames_received += 1
+                if self._frames.full():
+                    with contextlib.suppress(asyncio.QueueEmpty):
+                        self._frames.get_nowait()
+                        self.frames_dropped += 1
+                self._frames.put_nowait(video)
+        finally:  # a decode error too: readers of frames() must not wait forever
+            self._end_frames()
 
     async def _drain(self, track: Any) -> None:
         from aiortc.mediastreams import MediaStreamError
@@ -282,10 +284,12 @@ class WebRTCReceiver:
         if self._closed:
             return
         self._closed = True
-        await self._pc.close()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._end_frames()
+        try:
+            await self._pc.close()
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            for task in list(self._tasks):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            self._end_frames()

@@ -386,6 +386,8 @@ class LiveAvatarSession(ProviderSession):
         self._vendor_ended = False
         self._end_reported = False
         self._keep_alives = 0
+        #: bumped by every interrupt: a send that awaited across one drops its audio
+        self._epoch = 0
         self._last_send = time.monotonic()
         self._reader = asyncio.create_task(self._read(), name=f"liveavatar-{session_id}-reader")
         self._lifecycle = asyncio.create_task(self._run(), name=f"liveavatar-{session_id}-gate")
@@ -400,8 +402,14 @@ class LiveAvatarSession(ProviderSession):
             raise self._gate_error
 
     async def send_audio(self, chunk: AudioChunk, *, utterance_id: str) -> None:
+        # interrupt() takes no lock: it may run while a send below waits on the socket. The
+        # epoch tells this call that its utterance was interrupted meanwhile, so none of its
+        # audio follows the agent.interrupt.
+        epoch = self._epoch
         if utterance_id != self._utterance:
             await self._begin(utterance_id)
+            if epoch != self._epoch:
+                return
         buffer = self._buffer
         buffer += chunk.to_pcm16()
         size = self._chunk_bytes if self._sent_any else self._first_bytes
@@ -409,6 +417,8 @@ class LiveAvatarSession(ProviderSession):
             piece = buffer[:size]
             del buffer[:size]
             await self._speak(utterance_id, piece)
+            if epoch != self._epoch:
+                return
             size = self._chunk_bytes
 
     async def end_utterance(self, *, utterance_id: str) -> None:
@@ -417,9 +427,12 @@ class LiveAvatarSession(ProviderSession):
         await self._finish_utterance()
 
     async def _begin(self, utterance_id: str) -> None:
+        epoch = self._epoch
         if self._utterance is not None:
             # a new utterance without end_utterance for the previous one: end that one first
             await self._finish_utterance()
+            if epoch != self._epoch:
+                return  # interrupted meanwhile: this utterance was dropped with it
         self._utterance = utterance_id
         self._sent_any = False
         self._prefix = (b'{"type":"agent.speak","event_id":' + json.dumps(utterance_id).encode()
@@ -461,6 +474,7 @@ class LiveAvatarSession(ProviderSession):
         self._pending.append(frame)
 
     async def interrupt(self) -> None:
+        self._epoch += 1
         self._buffer.clear()
         self._utterance = None
         self._sent_any = False
@@ -607,6 +621,9 @@ class LiveAvatarSession(ProviderSession):
 
     async def _end_at_vendor(self) -> None:
         self._closing = True
+        if not self._settled.is_set():  # nobody waits on wait_connected() forever
+            self._fail_gate(ProviderConnectionError(
+                "the LiveAvatar session was ended before it connected", provider=self.provider))
         for task in (self._lifecycle, self._reader):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
