@@ -32,7 +32,6 @@ from .errors import (
     ConfigError,
     ConsentCheck,
     ConsentRequired,
-    ErrorCategory,
     ProviderError,
     SessionStateError,
 )
@@ -328,8 +327,7 @@ class AvatarKit:
             async with asyncio.timeout(_ABANDONED_START_GRACE):
                 vendor = await asyncio.shield(start)
         except ProviderError as exc:
-            if provider.uncertain_creates and exc.category in (ErrorCategory.TIMEOUT,
-                                                              ErrorCategory.CONNECTIVITY):
+            if provider.may_have_created(exc):
                 await self._settle(provider, row, _SETTLE_DELAYS, abandon=True)
             else:  # refused, or the adapter ended what it made
                 await self._ledger.mark_failed(row.row_id, reason=str(exc))
@@ -339,6 +337,10 @@ class AvatarKit:
             start.cancel()
             with contextlib.suppress(BaseException):
                 await start
+            if not provider.uncertain_creates:  # the adapter ended what its start made
+                with contextlib.suppress(AvatarKitError):
+                    await self._ledger.mark_failed(row.row_id, reason="start abandoned")
+                return
             with contextlib.suppress(AvatarKitError):
                 await self._settle(provider, row, (0.0,), abandon=False)
             return

@@ -53,7 +53,6 @@ from .errors import (
     ConsentOutOfScope,
     ConsentViolation,
     ConsentWithdrawn,
-    ErrorCategory,
     MediaFormatError,
     NoRouteError,
     ProviderConnectionError,
@@ -474,8 +473,7 @@ class AvatarSession:
         try:
             vendor = await asyncio.shield(start)
         except ProviderError as exc:
-            if provider.uncertain_creates and exc.category in (ErrorCategory.TIMEOUT,
-                                                              ErrorCategory.CONNECTIVITY):
+            if provider.may_have_created(exc):
                 # The create may have reached the vendor and succeed there after we gave up:
                 # the kit looks for it by the session's name and ends it.
                 kit._settle_uncertain_create(provider, row)

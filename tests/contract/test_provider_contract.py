@@ -21,6 +21,7 @@ from avatarkit import (
     AuthenticationError,
     AvatarKit,
     AvatarSession,
+    CapabilityError,
     Closed,
     Interrupted,
     KitConfig,
@@ -284,7 +285,7 @@ async def test_frames_reach_the_process_soon_after_the_first_audio(
         harness: VendorHarness, contract_kit: KitMaker) -> None:
     if not harness.frames_in_process:
         async with contract_kit() as kit, _open(kit) as s:
-            with pytest.raises(Exception, match="video frames"):
+            with pytest.raises(CapabilityError, match="video frames"):
                 s.video()
         return
     from avatarkit.emulators._media import mouth_opening

@@ -16,8 +16,9 @@ import httpx
 import numpy as np
 import pytest
 
+from avatarkit.emulators import EMULATORS
 from avatarkit.emulators._media import mouth_opening
-from avatarkit.emulators.did import DATA_CHANNEL_LABEL, DIDEmulator, did_for_cli
+from avatarkit.emulators.did import DATA_CHANNEL_LABEL, DIDEmulator
 from avatarkit.errors import ProviderConnectionError
 from avatarkit.providers._webrtc import WebRTCReceiver
 
@@ -669,7 +670,7 @@ def test_constructor_rejects_impossible_choices(options: dict[str, Any]) -> None
 
 
 async def test_cli_factory_accepts_any_agent() -> None:
-    emulator = did_for_cli(api_key="k1", host="127.0.0.1", port=0, max_concurrent=1)
+    emulator = EMULATORS["did"](api_key="k1", host="127.0.0.1", port=0, max_concurrent=1)
     async with emulator, httpx.AsyncClient(base_url=emulator.url, trust_env=False) as http:
         response = await http.post("/agents/agt_anything/streams", json={},
                                    headers={"Authorization": "Basic k1"})

@@ -23,7 +23,7 @@ from contextlib import AsyncExitStack
 from typing import Protocol
 
 from ._base import EmulatorFaults, EmulatorServer, RequestRecord
-from .did import DIDAudio, DIDClip, DIDEmulator, DIDStream, did_for_cli
+from .did import DIDAudio, DIDClip, DIDEmulator, DIDStream
 from .liveavatar import LiveAvatarEmulator, LiveAvatarSession, LiveAvatarUtterance, SpeakChunk
 from .simli import SimliEmulator, SimliSessionRecord
 from .tavus import TavusConversation, TavusEmulator, TavusPal
@@ -78,12 +78,18 @@ def _simli_for_cli(*, api_key: str, host: str, port: int, max_concurrent: int) -
                          max_concurrent=max_concurrent)
 
 
+def _did_for_cli(*, api_key: str, host: str, port: int, max_concurrent: int) -> EmulatorServer:
+    # As for Tavus: command-line users cannot pre-register agents, so any agent id exists.
+    return DIDEmulator(api_keys=[api_key], host=host, port=port, accept_any_agent=True,
+                       max_concurrent=max_concurrent)
+
+
 #: Emulators ``run_emulators`` can start, by vendor name. Error messages list them in this order.
 EMULATORS: dict[str, EmulatorFactory] = {
     "tavus": _tavus_for_cli,
     "liveavatar": _liveavatar_for_cli,
     "simli": _simli_for_cli,
-    "did": did_for_cli,
+    "did": _did_for_cli,
 }
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "ChannelPeer",
     "EmulatorFaults",
     "EmulatorServer",
+    "FastAPIValidationError",
     "FaultRoute",
     "LedgerEntry",
     "Operation",
@@ -82,6 +83,17 @@ def json_message(raw: str) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise ProtocolError("message is not a JSON object")
     return message
+
+
+class FastAPIValidationError(Exception):
+    """A request body a FastAPI vendor (LiveAvatar, Simli) rejects with 422 and ``detail[]``."""
+
+    def __init__(self, field_name: str, message: str, kind: str, given: object = None) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.detail = {"type": kind, "loc": ["body", field_name], "msg": message, "input": given}
+
+    def response(self) -> web.Response:
+        return web.json_response({"detail": [self.detail]}, status=422)
 
 
 class BadRequest(Exception):

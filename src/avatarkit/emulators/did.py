@@ -137,7 +137,6 @@ __all__ = [
     "DIDEmulator",
     "DIDError",
     "DIDStream",
-    "did_for_cli",
 ]
 
 #: The data channel D-ID's offer carries (its clients look for this label).
@@ -1101,10 +1100,3 @@ class DIDEmulator(EmulatorServer):
         self.banned_words = {word.lower() for word in words}
         self._flagged_uploads = flagged
         return web.json_response(self._account())
-
-
-def did_for_cli(*, api_key: str, host: str, port: int, max_concurrent: int) -> EmulatorServer:
-    """The emulator ``avatarkit emulate did`` serves: any agent id exists (command-line users
-    cannot pre-register agents)."""
-    return DIDEmulator(api_keys=[api_key], host=host, port=port, accept_any_agent=True,
-                       max_concurrent=max_concurrent)

@@ -91,6 +91,9 @@ from ._base import (
     now_iso,
     read_json_object,
 )
+from ._base import (
+    FastAPIValidationError as _ValidationError,
+)
 
 __all__ = [
     "LiveAvatarEmulator",
@@ -121,14 +124,6 @@ _VIDEO_QUALITIES = frozenset({"very_high", "high", "medium", "low"})
 _INTERRUPT_EVENTS = frozenset({"agent.speak_interrupted", "agent.speak_ended"})
 _MISSING_ROUTE_STATUSES = {404: "Not Found", 405: "Method Not Allowed"}
 _LISTENING_TYPES = frozenset({"agent.start_listening", "agent.stop_listening"})
-
-
-class _ValidationError(Exception):
-    """A token request FastAPI would reject with 422 and a ``detail[]`` list."""
-
-    def __init__(self, field_name: str, message: str, kind: str, given: object = None) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.detail = {"type": kind, "loc": ["body", field_name], "msg": message, "input": given}
 
 
 # --------------------------------------------------------------------------------------------
@@ -621,7 +616,7 @@ class LiveAvatarEmulator(EmulatorServer):
             if not known:
                 raise BadRequest(f"avatar {spec.avatar_id!r} not found", status=404)
         except _ValidationError as exc:
-            return web.json_response({"detail": [exc.detail]}, status=422)
+            return exc.response()
         except ValueError as exc:
             return self._error_response(400, str(exc))
         except BadRequest as exc:

@@ -108,6 +108,9 @@ from ._base import (
     now_iso,
     read_json_object,
 )
+from ._base import (
+    FastAPIValidationError as _ValidationError,
+)
 from ._media import TalkingPattern, talking_pattern_track
 
 if TYPE_CHECKING:
@@ -152,14 +155,6 @@ _TRINITY_STRINGS = ("background_id", "foreground_id")
 def session_id_for_token(session_token: str) -> str:
     """The id the emulator (and the adapter) give a session: a digest of its secret token."""
     return hashlib.sha256(session_token.encode()).hexdigest()[:32]
-
-
-class _ValidationError(Exception):
-    """A token request FastAPI would reject with 422 and a ``detail[]`` list."""
-
-    def __init__(self, field_name: str, message: str, kind: str, given: object = None) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.detail = {"type": kind, "loc": ["body", field_name], "msg": message, "input": given}
 
 
 # --------------------------------------------------------------------------------------------
@@ -634,7 +629,7 @@ class SimliEmulator(EmulatorServer):
                 max_session_length=self.default_max_session_length,
                 max_idle_time=self.default_max_idle_time)
         except _ValidationError as exc:
-            return web.json_response({"detail": [exc.detail]}, status=422)
+            return exc.response()
         except ValueError as exc:
             return self._error_response(400, str(exc))
         if not self.has_face(spec.face_id):

@@ -22,7 +22,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from ..disclosure.metadata import DisclosureMetadata
-from ..errors import CapabilityError, ProviderError
+from ..errors import CapabilityError, ErrorCategory, ProviderError
 from ..join import JoinInfo, JoinKind
 from ..media import AudioChunk, AudioFormat, VideoFrame
 from ._http import RetryPolicy
@@ -289,6 +289,14 @@ class Provider(ABC):
     async def start(self, request: SessionRequest) -> ProviderSession:
         """Start a vendor session. On any failure after the vendor created something, the
         adapter ends it before raising: no half-created sessions."""
+
+    def may_have_created(self, error: ProviderError) -> bool:
+        """Whether a start that failed with ``error`` may have left a billed session this
+        adapter could not end: the create's answer was lost (a timeout, a dropped connection)
+        and the adapter cannot rule it out (``uncertain_creates``). The kit then searches for
+        the session and ends it."""
+        return self.uncertain_creates and error.category in (ErrorCategory.TIMEOUT,
+                                                             ErrorCategory.CONNECTIVITY)
 
     async def probe(self) -> None:  # noqa: B027  (optional hook, not abstract)
         """A cheap, unbilled, authenticated call that says the vendor answers (health recovery

@@ -449,8 +449,6 @@ class DIDSession(ProviderSession):
 
     async def send_audio(self, chunk: AudioChunk, *, utterance_id: str) -> None:
         self._raise_failure()
-        if chunk.sample_rate != SAMPLE_RATE or chunk.channels != 1:
-            chunk = chunk.to_mono().resample(SAMPLE_RATE)
         if self._buffer_utterance not in (None, utterance_id) and self._buffer:
             self._enqueue(_Clip(self._buffer_utterance, pcm=bytes(self._buffer), last=True))
             self._buffer.clear()
@@ -587,10 +585,13 @@ class DIDSession(ProviderSession):
         """Drop what is not spoken yet and stop the clip playing.
 
         Fluent streams get D-ID's data-channel interrupt; the acknowledgement is the clip's end
-        message. A non-fluent stream cannot be stopped mid-clip: what was not sent yet is
-        dropped and ``CapabilityError`` says the clips D-ID already has will play out. With
-        nothing at D-ID, the interrupt is acknowledged at once.
+        message. With nothing at D-ID, the interrupt is acknowledged at once. A non-fluent
+        stream cannot be interrupted (its profile says so, and ``AvatarSession`` never asks):
+        ``CapabilityError``, with nothing changed.
         """
+        if not self._fluent:
+            raise CapabilityError(f"{self.provider}: a non-fluent D-ID stream cannot be "
+                                  "interrupted (set fluent = true)")
         target = self._interrupt_target()
         self._buffer.clear()
         self._buffer_utterance = None
@@ -600,17 +601,6 @@ class DIDSession(ProviderSession):
         self._pending.clear()
         if not self._speak_lock.locked():
             await self._restart_uploader()  # an upload in progress is not worth finishing
-        if not self._fluent:
-            if self._speak_lock.locked() or self._spoken:
-                for clip in self._spoken:
-                    clip.cancelled = True
-                self._ack_target = target
-                raise CapabilityError(
-                    f"{self.provider}: a non-fluent D-ID stream cannot be interrupted; the "
-                    "audio not sent yet was dropped, the clips D-ID has play out (set fluent = "
-                    "true to interrupt)")
-            self._ack_now(target)
-            return
         async with self._speak_lock:  # a speak in flight reaches D-ID before the interrupt
             pass
         if not self._spoken:

@@ -507,27 +507,16 @@ class SimliSession(ProviderSession):
 
     async def send_audio(self, chunk: AudioChunk, *, utterance_id: str) -> None:
         self._utterance(utterance_id)
-        data = chunk.to_pcm16()
         size = self._frame_bytes
         epoch = self._epoch
-        if not self._buffer:
-            # The common case (nothing held back): slice frames straight out of the chunk.
-            whole = len(data) - len(data) % size
-            if whole == len(data) == size:
-                frames = [data]
-            else:
-                with memoryview(data) as view:
-                    frames = [bytes(view[offset:offset + size])
-                              for offset in range(0, whole, size)]
-                    self._buffer += view[whole:]
-        else:
-            self._buffer += data
-            whole = len(self._buffer) - len(self._buffer) % size
-            if not whole:
-                return
-            with memoryview(self._buffer) as view:  # released before the buffer shrinks
-                frames = [bytes(view[offset:offset + size]) for offset in range(0, whole, size)]
-            del self._buffer[:whole]
+        buffer = self._buffer
+        buffer += chunk.to_pcm16()
+        whole = len(buffer) - len(buffer) % size
+        if not whole:
+            return
+        with memoryview(buffer) as view:  # released before the buffer shrinks
+            frames = [bytes(view[offset:offset + size]) for offset in range(0, whole, size)]
+        del buffer[:whole]
         for frame in frames:
             if epoch != self._epoch:
                 return  # interrupted while sending: the rest is dropped
