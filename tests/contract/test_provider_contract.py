@@ -38,12 +38,13 @@ from avatarkit.emulators._base import EmulatorServer
 from ..conftest import CONSENT, consent_config, eventually, next_event, sdk_tasks, send_speech
 from .harness import VendorHarness
 from .harness_did import DIDHarness
+from .harness_did_livekit import DIDLiveKitHarness
 from .harness_liveavatar import LiveAvatarHarness
 from .harness_simli import SimliHarness
 from .harness_tavus import TavusHarness
 
 HARNESSES: list[VendorHarness] = [TavusHarness(), LiveAvatarHarness(), SimliHarness(),
-                                  DIDHarness()]
+                                  DIDHarness(), DIDLiveKitHarness()]
 
 KitMaker = Callable[..., AvatarKit]
 

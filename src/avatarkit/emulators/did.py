@@ -25,6 +25,9 @@ clients do; ``Bearer <api key>`` is accepted too, as the spec lists it):
   reached the renderer.
 * ``DELETE .../streams/{stream_id}`` ``{session_id}`` — ends the stream: ``{status: "deleted"}``.
 * ``GET /credits`` — ``{credits: [...], remaining, total}`` (an authenticated, unbilled call).
+* ``POST /v2/agents/{agent_id}/sessions/join`` — D-ID's worker joins *your* LiveKit room
+  (:mod:`avatarkit.emulators.did_livekit`, which lists its own unverified choices); these
+  sessions are in ``emu.room_sessions``.
 
 Data-channel messages (text, ``event:json``) as D-ID's own clients parse them:
 ``stream/started:{"metadata":{"videoId":<clip id>},...}`` when a clip starts,
@@ -126,6 +129,7 @@ from ._base import (
     read_json_object,
 )
 from ._media import TalkingPattern, talking_pattern_track
+from .did_livekit import DIDRoomSessions
 
 if TYPE_CHECKING:
     from aiortc import RTCDataChannel, RTCPeerConnection
@@ -513,6 +517,7 @@ class DIDEmulator(EmulatorServer):
         self._audios: dict[str, DIDAudio] = {}
         self._audio_by_url: dict[str, DIDAudio] = {}
         self._closers: set[asyncio.Task[None]] = set()
+        self._rooms = DIDRoomSessions(self)
 
     # -- Python control surface ------------------------------------------------------------
 
@@ -520,6 +525,11 @@ class DIDEmulator(EmulatorServer):
     def streams(self) -> Mapping[str, DIDStream]:
         """Every stream created since the last reset (ended ones included), by stream id."""
         return MappingProxyType(self._streams)
+
+    @property
+    def room_sessions(self) -> DIDRoomSessions:
+        """The LiveKit ``sessions/join`` sessions (``.sessions`` by id)."""
+        return self._rooms
 
     @property
     def audios(self) -> Mapping[str, DIDAudio]:
@@ -555,11 +565,13 @@ class DIDEmulator(EmulatorServer):
         for stream in self._streams.values():
             self._close_media(stream)
         await self._drain_closers()
+        await self._rooms.aclose()
         await super().aclose()
 
     async def reset(self) -> None:
         await super().reset()
         await self._drain_closers()
+        await self._rooms.drain()
 
     async def _drain_closers(self) -> None:
         while self._closers:
@@ -577,6 +589,8 @@ class DIDEmulator(EmulatorServer):
         route(app, "DELETE", base + "/{stream_id}", self._handle_delete, operation="end")
         route(app, "POST", "/audios", self._handle_upload)
         route(app, "GET", "/credits", self._handle_credits)
+        route(app, "POST", "/v2/agents/{agent_id}/sessions/join", self._rooms.handle_join,
+              operation="create")
         app.router.add_post("/_emulator/did/account", self._handle_account)
 
     def _is_authorized(self, request: web.Request) -> bool:
@@ -600,6 +614,7 @@ class DIDEmulator(EmulatorServer):
     def _vendor_state(self) -> dict[str, Any]:
         return {
             "streams": [stream.describe() for stream in self._streams.values()],
+            "room_sessions": self._rooms.describe(),
             "audios": [audio.describe() for audio in self._audios.values()],
             "agents": sorted(self.faces),
             "account": self._account(),
@@ -609,6 +624,7 @@ class DIDEmulator(EmulatorServer):
         for stream in self._streams.values():
             self._end(stream, "emulator_reset")
         self._streams.clear()
+        self._rooms.reset()
         self._audios.clear()
         self._audio_by_url.clear()
         self._flagged_uploads = 0

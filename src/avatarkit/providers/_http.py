@@ -270,6 +270,10 @@ def _message_from_json(body: object, depth: int = 0) -> str | None:
         if key == "description" and isinstance(kind, str) and kind.strip():
             return f"{kind.strip()}: {rendered}"
         return rendered
+    msg = body.get("msg")  # Twirp (LiveKit's server API): {"code", "msg"}
+    if isinstance(msg, str) and msg.strip():
+        code = body.get("code")
+        return f"{code}: {msg.strip()}" if isinstance(code, str) and code else msg.strip()
     return None
 
 

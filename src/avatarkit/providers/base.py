@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from types import TracebackType
@@ -29,6 +29,7 @@ from ._http import RetryPolicy
 
 __all__ = [
     "Capabilities",
+    "MaxDurationTimer",
     "PlaybackFinished",
     "PlaybackStarted",
     "Provider",
@@ -161,6 +162,34 @@ class VendorSessionEnded:
 
 
 ProviderSignal = PlaybackStarted | PlaybackFinished | VendorSessionEnded
+
+
+class MaxDurationTimer:
+    """The session's ``max_duration_s``, enforced here for a vendor whose create takes no
+    such limit: when it expires, ``on_expiry`` gets a non-recoverable ``VendorSessionEnded``
+    (billing not stopped: the close path ends the vendor session)."""
+
+    def __init__(self, seconds: float | None,
+                 on_expiry: Callable[[VendorSessionEnded], None]) -> None:
+        self.seconds = seconds
+        self._on_expiry = on_expiry
+        self._handle: asyncio.TimerHandle | None = None
+
+    def arm(self) -> None:
+        """Start counting (once the session is live)."""
+        if self.seconds is not None and self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(self.seconds, self._expire)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _expire(self) -> None:
+        self._handle = None
+        assert self.seconds is not None
+        self._on_expiry(VendorSessionEnded(reason=f"max_duration_s ({self.seconds:g} s) reached",
+                                           billing_stopped=False, recoverable=False))
 
 
 class ProviderSession(ABC):

@@ -1,4 +1,5 @@
 """D-ID Agents streams (v1): D-ID's face over a peer-to-peer WebRTC stream, our audio.
+(``transport = "livekit"``, D-ID's avatar in your own LiveKit room, is in ``_did_livekit``.)
 
 Wire contract (``shared/research/vendor-contracts.md`` §5): ``POST /agents/{agent_id}/streams``
 (``Authorization: Basic <api key>``) creates a stream and **starts billing**; D-ID answers with
@@ -50,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import httpx
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from ..errors import (
     AuthenticationError,
@@ -67,10 +68,19 @@ from ..errors import (
 )
 from ..join import JoinInfo
 from ..media import AudioChunk, AudioFormat, VideoFrame
+from ._did_livekit import (
+    ROOM_PREFIX,
+    DIDLiveKitSession,
+    end_room_session,
+    find_room_session,
+    start_room_session,
+)
 from ._http import VendorHttp
+from ._livekit import http_url
 from ._webrtc import WebRTCReceiver, ice_servers_from
 from .base import (
     Capabilities,
+    MaxDurationTimer,
     PlaybackFinished,
     PlaybackStarted,
     Provider,
@@ -81,7 +91,7 @@ from .base import (
     VendorSessionEnded,
 )
 
-__all__ = ["DIDProvider", "DIDSession", "DIDSettings"]
+__all__ = ["DIDLiveKitSession", "DIDProvider", "DIDSession", "DIDSettings"]
 
 logger = logging.getLogger("avatarkit.providers.did")
 
@@ -122,6 +132,27 @@ class DIDSettings(ProviderSettings):
     interrupt_clears_queue: bool = Field(
         default=True, description="D-ID drops the clips queued behind the one an interrupt "
         "stops (unverified). When false, each such clip is interrupted as it starts.")
+    transport: Literal["streams", "livekit"] = Field(
+        default="streams", description="'streams': Agents streams v1 (D-ID's WebRTC offer, "
+        "frames in this process). 'livekit': sessions/join, D-ID's avatar joins a room on "
+        "your LiveKit server (livekit_* settings) and viewers join that room.")
+    livekit_url: str | None = Field(
+        default=None, description="Your LiveKit server (wss://...), for transport = "
+        "\"livekit\".")
+    livekit_api_key: SecretStr | None = None
+    livekit_api_secret: SecretStr | None = None
+    livekit_room: str | None = Field(
+        default=None, description="One fixed room for every session (then one session at a "
+        "time). By default each session gets its own room, named after its start attempt.")
+    livekit_sample_rate: Literal[16000, 24000, 48000] = Field(
+        default=24_000, description="The rate D-ID's avatar takes audio at (audio_config).")
+    agent_identity: str = Field(default="avatarkit-agent", min_length=1,
+                                description="Our participant's identity in the room.")
+    avatar_identity: str = Field(default="d-id-avatar-agent", min_length=1,
+                                 description="The identity D-ID's avatar joins with.")
+    viewer_token_ttl_s: float = Field(
+        default=3600.0, gt=0, le=86_400, description="Lifetime of the viewers' room token "
+        "(JoinInfo.token): how long after the start a viewer may still join.")
 
 
 @dataclass(eq=False)
@@ -172,7 +203,12 @@ class DIDProvider(Provider):
             "`POST /audios` and spoken with `{type: audio, audio_url}`; text with "
             "`{type: text}`. Events `stream/started|done|ready` on the data channel; fluent "
             "streams interrupt with `stream/interrupt`. `DELETE .../streams/{id}` on every "
-            "exit. Health probe: `GET /credits`.")
+            "exit. Health probe: `GET /credits`. With `transport = \"livekit\"`: "
+            "`POST /v2/agents/{agent_id}/sessions/join` sends D-ID's avatar into a room on your "
+            "LiveKit server with a token we mint; audio as `lk.audio_stream` byte streams, "
+            "text on `did.speak`, interrupts by the `lk.clear_buffer` RPC, "
+            "`lk.playback_started|finished` back; ended by removing the avatar from the room "
+            "(RoomService).")
     unverified = (
         "The fluent interrupt message and its acknowledgement (taken from D-ID's client SDK: "
         "`{type: stream/interrupt, videoId}`; the ack is read as the clip's `stream/done`).",
@@ -182,9 +218,13 @@ class DIDProvider(Provider):
         "seen, so billing is assumed to continue until the DELETE.",
         "Whether DELETE works without the stream's `session_id` (the reaper has none).",
         "Price, rate limits (no 429 in the spec), concurrency limits, regions, latency.",
+        "sessions/join: the answer beyond `{id}`; that removing the avatar from the room ends "
+        "D-ID's billing (there is no end call); playback events for `did.speak` text.",
     )
     documented_variants: ClassVar[dict[str, dict[str, object]]] = {
-        "": {}, "fluent": {"fluent": True}}
+        "": {}, "fluent": {"fluent": True},
+        "livekit": {"transport": "livekit", "livekit_url": "wss://livekit.example.com",
+                    "livekit_api_key": "placeholder", "livekit_api_secret": "placeholder"}}
     # A create whose answer is lost leaves a billed stream we have no id for, and D-ID cannot
     # list streams (find_session cannot help): it ends after session_timeout without messages.
     # Failures after the create are not uncertain: the stream is deleted and they are raised
@@ -196,9 +236,22 @@ class DIDProvider(Provider):
         super().__init__(settings, http=http, instance_name=instance_name)
         assert isinstance(settings, DIDSettings)
         self.settings: DIDSettings = settings
-        if not WebRTCReceiver.available():
+        section = f"providers.{self.instance_name}"
+        livekit = settings.transport == "livekit"
+        if livekit:
+            for key in ("livekit_url", "livekit_api_key", "livekit_api_secret"):
+                if getattr(settings, key) is None:
+                    raise ConfigError("required with transport = \"livekit\" (your LiveKit "
+                                      "server and its API key and secret)",
+                                      field=f"{section}.{key}")
+            assert settings.livekit_url is not None
+            try:
+                http_url(settings.livekit_url)
+            except ValueError as exc:
+                raise ConfigError(str(exc), field=f"{section}.livekit_url") from None
+        elif not WebRTCReceiver.available():
             raise ConfigError("D-ID streams need aiortc: pip install 'avatarkit[webrtc]'",
-                              field=f"providers.{self.instance_name}")
+                              field=section)
         api_key = settings.api_key
         if api_key is None:
             raise ConfigError("required (e.g. api_key = \"env:DID_API_KEY\")",
@@ -215,10 +268,11 @@ class DIDProvider(Provider):
         )
         self._profile = self._build_profile(
             capabilities=Capabilities(
-                audio_input=True, text_input=True, interrupt=settings.fluent,
-                playback_events=True, frames_in_process=True,
-                join_kinds=frozenset({"webrtc"})),
-            audio_format=AudioFormat(SAMPLE_RATE, 1),
+                audio_input=True, text_input=True, interrupt=livekit or settings.fluent,
+                playback_events=True, frames_in_process=not livekit,
+                join_kinds=frozenset({"livekit" if livekit else "webrtc"})),
+            audio_format=AudioFormat(settings.livekit_sample_rate if livekit else SAMPLE_RATE,
+                                     1),
             # [3p] 0.5-2 s; speech also waits for a clip to fill (up to max_clip_s).
             first_frame_latency_ms=2000.0,
         )
@@ -239,7 +293,9 @@ class DIDProvider(Provider):
             body["compatibility_mode"] = s.compatibility_mode
         return body
 
-    async def start(self, request: SessionRequest) -> DIDSession:
+    async def start(self, request: SessionRequest) -> DIDSession | DIDLiveKitSession:
+        if self.settings.transport == "livekit":
+            return await start_room_session(self, request)
         agent_id = request.avatar_id
         data = await self.api.request_json(
             "POST", f"/agents/{agent_id}/streams", json=self._create_body(),
@@ -279,6 +335,13 @@ class DIDProvider(Provider):
         await self.api.request_json("GET", "/credits")
 
     async def end_session(self, vendor_session_id: str) -> None:
+        if vendor_session_id.startswith(ROOM_PREFIX):
+            if self.settings.transport != "livekit":
+                raise CapabilityError(f"{self.instance_name}: {vendor_session_id!r} is a "
+                                      "LiveKit room session; ending it needs the livekit_* "
+                                      "settings it was started with")
+            await end_room_session(self, vendor_session_id)
+            return
         agent_id, sep, stream_id = vendor_session_id.rpartition("/")
         if not sep or not agent_id or not stream_id:
             raise InvalidRequestError(
@@ -291,6 +354,14 @@ class DIDProvider(Provider):
                 f"{self.instance_name}: D-ID refused to delete stream {stream_id} without its "
                 f"session_id, which only the process that created it had ({exc.message}); "
                 "D-ID ends it after session_timeout seconds without messages") from exc
+
+    async def find_session(self, *, session_id: str, idempotency_key: str) -> str | None:
+        if self.settings.transport != "livekit":
+            # D-ID cannot list streams: a stream whose create answer was lost ends after
+            # session_timeout seconds without messages.
+            return await super().find_session(session_id=session_id,
+                                              idempotency_key=idempotency_key)
+        return await find_room_session(self, idempotency_key)
 
     async def _delete_stream(self, agent_id: str, stream_id: str, cookie: str | None) -> None:
         body = {"session_id": cookie} if cookie is not None else {}
@@ -332,7 +403,7 @@ class DIDSession(ProviderSession):
         self.agent_id = agent_id
         self.stream_id = stream_id
         self._cookie = cookie
-        self._max_duration_s = max_duration_s
+        self._max_duration = MaxDurationTimer(max_duration_s, self._signal_end)
         self._fluent = provider.settings.fluent
         self._clip_bytes = int(provider.settings.max_clip_s * SAMPLE_RATE) * 2
         self._receiver = WebRTCReceiver(
@@ -357,7 +428,6 @@ class DIDSession(ProviderSession):
         self._stale_videos: set[str] = set()  # interrupted clips: their messages are ignored
         self._closing = False
         self._end_signalled = False
-        self._deadline: asyncio.TimerHandle | None = None
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -379,9 +449,7 @@ class DIDSession(ProviderSession):
                 await asyncio.gather(trickle, return_exceptions=True)
         self._uploader = asyncio.create_task(self._upload_loop(),
                                              name=f"did-{self.stream_id}-uploader")
-        if self._max_duration_s is not None:
-            self._deadline = asyncio.get_running_loop().call_later(
-                self._max_duration_s, self._on_deadline)
+        self._max_duration.arm()
 
     def _path(self, tail: str = "") -> str:
         return f"/agents/{self.agent_id}/streams/{self.stream_id}{tail}"
@@ -759,12 +827,6 @@ class DIDSession(ProviderSession):
         self._signal_end(VendorSessionEnded(reason=reason, billing_stopped=False,
                                             error=self._lost))
 
-    def _on_deadline(self) -> None:
-        self._deadline = None
-        if not self._closing:
-            self._signal_end(VendorSessionEnded(
-                reason=f"max_duration_s ({self._max_duration_s:g} s) reached",
-                billing_stopped=False, recoverable=False))
 
     def _signal_end(self, signal: VendorSessionEnded) -> None:
         if self._end_signalled or self._closing:
@@ -774,9 +836,7 @@ class DIDSession(ProviderSession):
 
     async def _end_at_vendor(self) -> None:
         self._closing = True
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._max_duration.cancel()
         await self._stop_uploader()
         try:
             await self._provider._delete_stream(self.agent_id, self.stream_id, self._cookie)
