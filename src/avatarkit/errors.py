@@ -7,6 +7,10 @@ Every error the SDK raises derives from :class:`AvatarKitError`::
     ├── MediaFormatError            audio/video input that cannot be used (names the field)
     ├── SessionStateError           an operation not allowed in the session's current state
     ├── CapabilityError             the chosen provider cannot do this (e.g. no in-process video)
+    ├── AvatarPreparationError      preparing a local-engine avatar failed (``source``)
+    │   ├── MediaReadError          missing, empty or undecodable image/video (``reason``)
+    │   ├── NoFaceError             no face in a frame (``frame_index``)
+    │   └── FaceTooSmallError       face box below ``min_face_size`` (``size``, ``min_size``)
     ├── NoRouteError                no configured provider can serve the request (carries the
     │                               RouteDecision that says why each was excluded)
     ├── AllProvidersFailed          every provider tried at start failed (an ExceptionGroup of
@@ -75,6 +79,10 @@ __all__ = [
     "ResidencyViolation",
     "ServerError",
     "SessionStateError",
+    "AvatarPreparationError",
+    "MediaReadError",
+    "NoFaceError",
+    "FaceTooSmallError",
 ]
 
 
@@ -354,3 +362,53 @@ class BudgetExceeded(PolicyViolation):
     def __init__(self, message: str, *, cap: str | None = None) -> None:
         super().__init__(message)
         self.cap = cap
+
+
+class AvatarPreparationError(AvatarKitError):
+    """Preparing an avatar for the local engine failed (``avatarkit.local_engine.avatar``).
+
+    ``source`` names the avatar's media: a file path, or ``"<array>"`` for an in-memory image.
+    """
+
+    def __init__(self, message: str, *, source: str) -> None:
+        self.source = source
+        super().__init__(message)
+
+
+class MediaReadError(AvatarPreparationError):
+    """The avatar's image or video is missing, empty or cannot be decoded.
+
+    ``reason`` says what went wrong; the message names the path and the reason.
+    """
+
+    def __init__(self, source: str, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"cannot read avatar media {source!r}: {reason}", source=source)
+
+
+class NoFaceError(AvatarPreparationError):
+    """No usable face in a frame of the avatar media (``frame_index``, 0-based).
+
+    With ``missing_face="interpolate"`` only raised when no frame at all has a face; then
+    ``frame_index`` is 0 and ``frames_checked`` says how many frames were looked at.
+    """
+
+    def __init__(self, message: str, *, source: str, frame_index: int,
+                 frames_checked: int = 1) -> None:
+        self.frame_index = frame_index
+        self.frames_checked = frames_checked
+        super().__init__(message, source=source)
+
+
+class FaceTooSmallError(AvatarPreparationError):
+    """The face in a frame is smaller than the configured minimum.
+
+    ``size`` is the face box's longer side in pixels, ``min_size`` the required minimum.
+    """
+
+    def __init__(self, message: str, *, source: str, frame_index: int, size: float,
+                 min_size: int) -> None:
+        self.frame_index = frame_index
+        self.size = size
+        self.min_size = min_size
+        super().__init__(message, source=source)

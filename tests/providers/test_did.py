@@ -35,9 +35,14 @@ from avatarkit.consent.authority import ConsentAuthority
 from avatarkit.disclosure.metadata import DisclosureMetadata
 from avatarkit.emulators._media import mouth_opening
 from avatarkit.emulators.did import DIDEmulator, DIDStream
-from avatarkit.providers import PlaybackFinished, PlaybackStarted, SessionRequest
+from avatarkit.providers import (
+    PlaybackFinished,
+    PlaybackStarted,
+    ProviderSession,
+    SessionRequest,
+)
 from avatarkit.providers._http import new_http_client
-from avatarkit.providers.did import DIDProvider, DIDSession, DIDSettings
+from avatarkit.providers.did import DIDProvider, DIDSettings
 
 from ..conftest import CONSENT, consent_config, eventually, next_event, sdk_tasks, send_speech
 from ..contract.harness import FAST_RETRY
@@ -513,7 +518,7 @@ def _request(number: int = 1) -> SessionRequest:
         disclosure=DisclosureMetadata(generation_id="gen_1", provider="did", avatar="amelia"))
 
 
-async def _signals(session: DIDSession, into: list[Any]) -> None:
+async def _signals(session: ProviderSession, into: list[Any]) -> None:
     async for signal in session.signals():
         into.append(signal)
 
