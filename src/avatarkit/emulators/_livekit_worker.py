@@ -11,8 +11,8 @@ does. The RPC ``lk.clear_buffer`` stops the segment playing, drops the queued on
 rest of their streams, and is acknowledged with ``playback_finished(interrupted=true)``.
 
 The agent is the participant the token names in ``attributes["lk.publish_on_behalf"]`` (else
-the first participant of kind agent, else the first other participant). Vendor-specific text
-topics are added with :meth:`LiveKitAvatarWorker.on_text`.
+the alphabetically first other participant). Vendor-specific text topics are registered on the
+worker's ``link`` (``register_text_handler``).
 
 What is checked and recorded (``protocol_errors``): a stream's ``sample_rate`` attribute must
 be the rate the vendor was configured with and ``num_channels`` must be ``"1"``; a stream with
@@ -175,6 +175,7 @@ class LiveKitAvatarWorker:
                         self._current = segment
                         segment.outcome = "playing"
                         self._notify(RPC_PLAYBACK_STARTED, "")
+                        self._on_activity()  # playing: the idle timer stops
                     step = min(available, _TICK)
                     await asyncio.sleep(step)
                     segment.played += step
@@ -239,7 +240,8 @@ class LiveKitAvatarWorker:
     # -- leaving ----------------------------------------------------------------------------
 
     def _participant_left(self, identity: str) -> None:
-        if identity == self._agent_hint:
+        if identity == self._agent_hint or (self._agent_hint is None
+                                            and not self.link.participants()):
             self._spawn_leave("agent_left")
 
     def _disconnected(self, reason: str) -> None:

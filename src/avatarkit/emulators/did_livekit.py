@@ -50,7 +50,7 @@ import jwt
 from aiohttp import web
 
 from ..errors import ProviderError
-from ..providers._livekit import RoomLink, connect_room
+from ..providers._livekit import RoomLink, connect_room, http_url
 from ._base import BadRequest, LedgerEntry, read_json_object
 from ._livekit_worker import LiveKitAvatarWorker
 
@@ -144,6 +144,7 @@ class DIDRoomSessions:
         self._tasks: set[asyncio.Task[None]] = set()
         #: seconds D-ID's worker takes to join the room after the join request
         self.join_delay = 0.0
+        self._closing = False
 
     @property
     def sessions(self) -> Mapping[str, DIDRoomSession]:
@@ -170,6 +171,11 @@ class DIDRoomSessions:
                 raise _bad(f"transport.provider must be 'livekit', got "
                            f"{transport.get('provider')!r}")
             server_url = _text(transport, "server_url", "transport")
+            try:
+                http_url(server_url)
+            except ValueError:
+                raise _bad("transport.server_url must be a ws://, wss://, http:// or https:// "
+                           "URL") from None
             token = _text(transport, "token", "transport")
             room = _text(transport, "room_name", "transport")
             audio_config = body.get("audio_config", {})
@@ -220,11 +226,11 @@ class DIDRoomSessions:
         try:
             link = await connect_room(session.server_url, token, provider="did-emulator",
                                       join_timeout=_JOIN_TIMEOUT)
-        except ProviderError as exc:
-            session.join_error = exc.message
+        except (ProviderError, ValueError) as exc:
+            session.join_error = exc.message if isinstance(exc, ProviderError) else str(exc)
             self.end(session, "join_failed")
             return
-        if session.status == "ended":  # ended while joining (deleted, timed out, reset)
+        if session.status == "ended" or self._closing:  # ended or closed while joining
             await link.aclose()
             return
         attributes = session.token_claims.get("attributes")
@@ -328,6 +334,8 @@ class DIDRoomSessions:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def aclose(self) -> None:
+        """Workers leave their rooms (meters are left as they are); joins in flight stop."""
+        self._closing = True
         for session in self._sessions.values():
             if session.worker is not None:
                 self._spawn(session.worker.leave("emulator_closed"))

@@ -93,8 +93,10 @@ class FakeRoom:
         return MappingProxyType(self._participants)
 
     def _add(self, participant: FakeParticipant) -> None:
-        previous = self._participants.get(participant.identity)
+        previous = self._participants.pop(participant.identity, None)
         if previous is not None:
+            for other in list(self._participants.values()):
+                other._left(previous)
             previous._kick("DUPLICATE_IDENTITY")
         self._participants[participant.identity] = participant
         self.joined.append(participant.identity)
@@ -130,10 +132,10 @@ class _FakeSink:
         sender._open_streams.add(self)
 
     async def write(self, data: bytes) -> None:
-        if self._closed:
-            raise RuntimeError("write on a closed byte stream")
         if not self._sender.connected:
             raise ConnectionError("not connected to the room")
+        if self._closed:
+            raise RuntimeError("write on a closed byte stream")
         if self._inbound is not None:
             for start in range(0, len(data), STREAM_CHUNK_BYTES):
                 self._inbound.queue.put_nowait(bytes(data[start:start + STREAM_CHUNK_BYTES]))
@@ -237,6 +239,9 @@ class FakeParticipant(RoomLink):
         try:
             done, _ = await asyncio.wait({call, gone}, timeout=response_timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
         finally:
             gone.cancel()
         if call not in done:
