@@ -254,7 +254,7 @@ async def test_bad_commands_are_recorded_as_protocol_errors(served: Served) -> N
     await stranger.send_text("", topic="did.interrupt", destination=AVATAR)
     await eventually(lambda: len(session.commands) == 5, within=1.0)
     errors = session.all_protocol_errors
-    assert len(errors) == 4 and "did.speak: not JSON" in errors
+    assert len(errors) == 4 and "did.speak: message is not valid JSON" in errors
     assert "did.speak from stranger, not the agent" in errors
     assert session.worker is not None and session.worker.segments == []
     assert session.worker.interrupts == 0

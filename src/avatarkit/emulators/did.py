@@ -837,6 +837,19 @@ class DIDEmulator(EmulatorServer):
         return web.json_response({"status": "started", "duration": round(clip.seconds, 3),
                                   "session_id": stream.session_id})
 
+    def text_seconds(self, text: object) -> float:
+        """How long a text script plays; ``DIDError`` for a bad length (400) or a banned word
+        (451 ``TextModerationError``). Streams and LiveKit sessions share this check."""
+        if not isinstance(text, str) or not TEXT_MIN <= len(text) <= TEXT_MAX:
+            size = len(text) if isinstance(text, str) else type(text).__name__
+            raise _bad_request(f"script.input must be a string of {TEXT_MIN} to "
+                               f"{TEXT_MAX} characters, got {size}")
+        lowered = text.lower()
+        if any(word in lowered for word in self.banned_words):
+            raise DIDError(451, "TextModerationError",
+                           "script.input was refused by text moderation")
+        return len(text) * self.seconds_per_text_character
+
     def _parse_script(self, script: object) -> DIDClip:
         if not isinstance(script, dict):
             raise _bad_request("script is required: {type: 'text', input} or "
@@ -845,15 +858,8 @@ class DIDEmulator(EmulatorServer):
         clip_id = f"vid_{secrets.token_urlsafe(9)}"
         if kind == "text":
             text = script.get("input")
-            if not isinstance(text, str) or not TEXT_MIN <= len(text) <= TEXT_MAX:
-                size = len(text) if isinstance(text, str) else type(text).__name__
-                raise _bad_request(f"script.input must be a string of {TEXT_MIN} to "
-                                   f"{TEXT_MAX} characters, got {size}")
-            lowered = text.lower()
-            if any(word in lowered for word in self.banned_words):
-                raise DIDError(451, "TextModerationError",
-                               "script.input was refused by text moderation")
-            seconds = len(text) * self.seconds_per_text_character
+            seconds = self.text_seconds(text)
+            assert isinstance(text, str)
             return DIDClip(clip_id, "text", seconds, text=text, pcm=_tone(seconds))
         if kind == "audio":
             url = script.get("audio_url")

@@ -51,7 +51,7 @@ from aiohttp import web
 
 from ..errors import ProviderError
 from ..providers._livekit import RoomLink, connect_room, http_url
-from ._base import BadRequest, LedgerEntry, read_json_object
+from ._base import BadRequest, LedgerEntry, ProtocolError, json_message, read_json_object
 from ._livekit_worker import LiveKitAvatarWorker
 
 if TYPE_CHECKING:
@@ -123,9 +123,7 @@ class DIDRoomSession:
 
 
 def _bad(description: str) -> BadRequest:
-    from .did import DIDError
-
-    return DIDError(400, "BadRequestError", description)
+    return BadRequest(description)  # the emulator answers 400 BadRequestError
 
 
 def _text(body: Mapping[str, Any], key: str, where: str) -> str:
@@ -194,13 +192,10 @@ class DIDRoomSessions:
                 raise _bad(f"transport.token does not grant room {room!r} "
                            f"(transport.room_name)")
             if not emulator.has_face(agent_id):
-                from .did import DIDError
-
-                raise DIDError(404, "NotFoundError", f"agent {agent_id!r} not found")
+                raise BadRequest(f"agent {agent_id!r} not found", status=404)  # NotFoundError
             if emulator.out_of_credits:
-                from .did import DIDError
-
-                raise DIDError(402, "InsufficientCreditsError", "not enough credits")
+                # InsufficientCreditsError
+                raise BadRequest("not enough credits", status=402)
             emulator.check_capacity("maximum concurrent sessions reached")
         except BadRequest as exc:
             return emulator._refuse(exc)
@@ -255,28 +250,20 @@ class DIDRoomSessions:
         self._touch(session)
 
     async def _on_speak(self, session: DIDRoomSession, sender: str, text: str) -> None:
-        from .did import TEXT_MAX, TEXT_MIN
-
         session.commands.append(("did.speak", text))
         worker = session.worker
         if worker is None or sender != worker.agent_identity:
             session.protocol_errors.append(f"did.speak from {sender}, not the agent")
             return
         try:
-            script = _parse_json(text).get("script")
+            script = json_message(text).get("script")
             if not isinstance(script, Mapping) or script.get("type") != "text":
-                raise ValueError("script must be {type: 'text', input}")
-            words = script.get("input")
-            if not isinstance(words, str) or not TEXT_MIN <= len(words) <= TEXT_MAX:
-                raise ValueError(f"script.input must be {TEXT_MIN} to {TEXT_MAX} characters")
-        except ValueError as exc:
+                raise ProtocolError("script must be {type: 'text', input}")
+            seconds = self._emulator.text_seconds(script.get("input"))
+        except (ProtocolError, BadRequest) as exc:
             session.protocol_errors.append(f"did.speak: {exc}")
             return
-        if any(word in words.lower() for word in self._emulator.banned_words):
-            session.protocol_errors.append("did.speak: text failed moderation")
-            return
-        worker.speak(len(words) * self._emulator.seconds_per_text_character,
-                     name=f"text_{len(worker.segments)}")
+        worker.speak(seconds, name=f"text_{len(worker.segments)}")
 
     async def _on_interrupt(self, session: DIDRoomSession, sender: str, text: str) -> None:
         session.commands.append(("did.interrupt", text))
@@ -341,14 +328,3 @@ class DIDRoomSessions:
                 self._spawn(session.worker.leave("emulator_closed"))
         await self.drain()
 
-
-def _parse_json(text: str) -> Mapping[str, Any]:
-    import json
-
-    try:
-        value = json.loads(text)
-    except ValueError:
-        raise ValueError("not JSON") from None
-    if not isinstance(value, Mapping):
-        raise ValueError("not a JSON object")
-    return value

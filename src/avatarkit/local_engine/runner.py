@@ -264,8 +264,10 @@ class AvatarRunner:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                epoch = self._epoch
                 audio, segments, ends = plan
+                if not audio:
+                    continue  # only segment ends: yielded at the top of the loop
+                epoch = self._epoch
                 indices = [self._source_index(self._index + k) for k in range(len(audio))]
                 speaking = [s is not None for s in segments]
                 pictures = await loop.run_in_executor(
@@ -323,8 +325,6 @@ class AvatarRunner:
 
     def _draw(self, audio: list[NDArray[np.int16]], indices: list[int],
               speaking: list[bool]) -> list[Frame]:
-        if not audio:
-            return []
         pictures = self.engine.render_batch(audio, source_indices=indices, speaking=speaking)
         if self._post is not None:
             for picture in pictures:

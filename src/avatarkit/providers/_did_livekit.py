@@ -60,6 +60,7 @@ from .base import (
     ProviderSession,
     SessionRequest,
     VendorSessionEnded,
+    wait_unless_lost,
 )
 
 if TYPE_CHECKING:
@@ -182,16 +183,8 @@ class DIDLiveKitSession(ProviderSession):
 
     async def _wait_for_avatar(self) -> None:
         timeout = self._settings.connect_timeout_s
-        arrived = asyncio.ensure_future(self._link.wait_for_participant(self._avatar))
-        lost = asyncio.ensure_future(self._lost_event.wait())
-        try:
-            done, _ = await asyncio.wait({arrived, lost}, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (arrived, lost):
-                task.cancel()
-            await asyncio.gather(arrived, lost, return_exceptions=True)
-        if arrived not in done:
+        if not await wait_unless_lost(self._link.wait_for_participant(self._avatar),
+                                      self._lost_event, within=timeout):
             if self._lost is not None:
                 raise self._lost
             raise ProviderTimeoutError(f"D-ID's avatar did not join room {self.room} within "

@@ -527,8 +527,9 @@ class AvatarWorkerChannel:
             await sink.aclose()
 
     async def clear_buffer(self, *, response_timeout: float) -> None:
-        """Ask the worker to stop and drop its queue; raise ``ProviderError`` if it refuses."""
-        with contextlib.suppress(Exception):
+        """End the open segment, then ask the worker to stop and drop its queue; raise
+        ``ProviderError`` if it refuses."""
+        with contextlib.suppress(ConnectionError, RuntimeError):  # the stream is dead anyway
             await self.end_segment()
         try:
             await self._link.perform_rpc(destination=self.avatar_identity,

@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from decimal import Decimal
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -39,6 +39,7 @@ __all__ = [
     "ProviderSignal",
     "SessionRequest",
     "VendorSessionEnded",
+    "wait_unless_lost",
 ]
 
 
@@ -162,6 +163,22 @@ class VendorSessionEnded:
 
 
 ProviderSignal = PlaybackStarted | PlaybackFinished | VendorSessionEnded
+
+
+async def wait_unless_lost(ready: Coroutine[Any, Any, object], lost: asyncio.Event, *,
+                           within: float) -> bool:
+    """Wait for ``ready`` for at most ``within`` seconds, giving up as soon as ``lost`` is set
+    (the channel died while a start waited for it). True when ``ready`` finished."""
+    waiting = asyncio.ensure_future(ready)
+    dead = asyncio.ensure_future(lost.wait())
+    try:
+        done, _ = await asyncio.wait({waiting, dead}, timeout=within,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waiting, dead):
+            task.cancel()
+        await asyncio.gather(waiting, dead, return_exceptions=True)
+    return waiting in done
 
 
 class MaxDurationTimer:

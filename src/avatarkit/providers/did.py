@@ -89,6 +89,7 @@ from .base import (
     ProviderSettings,
     SessionRequest,
     VendorSessionEnded,
+    wait_unless_lost,
 )
 
 __all__ = ["DIDLiveKitSession", "DIDProvider", "DIDSession", "DIDSettings"]
@@ -469,16 +470,7 @@ class DIDSession(ProviderSession):
         """Wait (at most ``connect_timeout_s``) until the stream can speak, or fail fast when
         the connection dies first."""
         s = self._settings
-        ready = asyncio.ensure_future(self._usable())
-        lost = asyncio.ensure_future(self._lost_event.wait())
-        try:
-            done, _ = await asyncio.wait({ready, lost}, timeout=s.connect_timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (ready, lost):
-                task.cancel()
-            await asyncio.gather(ready, lost, return_exceptions=True)
-        if ready in done:
+        if await wait_unless_lost(self._usable(), self._lost_event, within=s.connect_timeout_s):
             return
         if self._lost is not None:
             raise self._lost
