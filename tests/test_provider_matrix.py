@@ -41,9 +41,13 @@ def test_every_builtin_adapter_is_listed_with_its_real_format() -> None:
     for cells in rows.values():
         cls = get_provider_class(cells[1])
         assert cls.wire, f"{cls.name} has no wire notes"
-        # no adapter invents a price: unknown reads "unknown", never 0
-        assert cells[8] == "unknown"
+        # no vendor adapter invents a price: unknown reads "unknown", never 0; the
+        # self-hosted engine's default is a known 0 (your own hardware, set your GPU cost)
+        assert cells[8] == ("0 USD" if cells[1] == "local" else "unknown")
     assert rows["tavus"][3] == "PCM16 24 kHz mono"
+    assert rows["local (in process)"][6:] == ["yes", "none", "0 USD", "self-hosted", "unknown",
+                                              "yes"]
+    assert rows["local (remote)"][7] == "whep"
 
 
 def test_configured_prices_and_regions_show_as_configured() -> None:

@@ -21,9 +21,14 @@ class Avatar:
     consent_subject: str | None = None
     local: str | None = None
 
-    def id_at(self, provider: str) -> str | None:
-        """The vendor-side id at ``provider``, or None when the avatar is not there."""
-        return self.provider_ids.get(provider)
+    def id_at(self, provider: str, *, vendor: str | None = None) -> str | None:
+        """The avatar's id at ``provider`` (a configured provider name whose adapter is
+        ``vendor``), or None when the avatar is not there. A self-hosted engine (vendor
+        ``local``) without an id of its own renders the avatar's ``local`` media."""
+        found = self.provider_ids.get(provider)
+        if found is None and (vendor or provider) == "local":
+            found = self.local
+        return found
 
 
 class Catalog:

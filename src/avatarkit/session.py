@@ -42,6 +42,8 @@ from enum import StrEnum
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
+from pydantic import SecretStr
+
 from .catalog import Avatar
 from .disclosure.metadata import DisclosureMetadata, LabelPolicy
 from .errors import (
@@ -458,6 +460,9 @@ class AvatarSession:
             disclosure=disclosure,
             purpose=self.purpose,
             max_duration_s=max_duration,
+            consent_token=SecretStr(self._consent) if profile.self_hosted else None,
+            burned_label=(self._kit.config.disclosure.burned_label
+                          if disclosure.label_policy == "burned-in" else None),
         )
         row = await kit._ledger.begin(
             session_id=self.session_id, attempt=attempt_no, provider=name,

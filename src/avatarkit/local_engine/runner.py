@@ -202,6 +202,12 @@ class AvatarRunner:
         return bool(self._segments)
 
     @property
+    def open_segment(self) -> str | None:
+        """The id of the segment audio still goes to (None when none is open)."""
+        segment = self._open()
+        return segment.segment_id if segment is not None else None
+
+    @property
     def buffered_seconds(self) -> float:
         return sum(s.buffered for s in self._segments) / self._rate
 

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Self
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from ..disclosure.label_config import LabelConfig
 from ..disclosure.metadata import DisclosureMetadata
 from ..errors import CapabilityError, ErrorCategory, ProviderError
 from ..join import JoinInfo, JoinKind
@@ -124,6 +125,12 @@ class SessionRequest:
     disclosure: DisclosureMetadata
     purpose: str | None = None
     max_duration_s: float | None = None
+    #: the caller's consent token, for a self-hosted engine server that verifies it itself
+    #: (vendor adapters never send it anywhere)
+    consent_token: SecretStr | None = None
+    #: how a provider that draws the frames itself (self-hosted) burns the label in; None for
+    #: vendors, and when the label is disabled
+    burned_label: LabelConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)

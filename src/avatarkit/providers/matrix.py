@@ -20,7 +20,7 @@ from .registry import get_provider_class
 __all__ = ["BUILTIN_ADAPTERS", "support_matrix"]
 
 #: The adapters shipped with avatarkit, in the order the matrix lists them.
-BUILTIN_ADAPTERS = ("tavus", "liveavatar", "simli", "did")
+BUILTIN_ADAPTERS = ("tavus", "liveavatar", "simli", "did", "local")
 
 _PLACEHOLDER_KEY = "documentation-only"
 

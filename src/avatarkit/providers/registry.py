@@ -24,6 +24,7 @@ _BUILTIN: dict[str, str] = {
     "liveavatar": "avatarkit.providers.liveavatar:LiveAvatarProvider",
     "simli": "avatarkit.providers.simli:SimliProvider",
     "did": "avatarkit.providers.did:DIDProvider",
+    "local": "avatarkit.providers.local:LocalProvider",
 }
 _BUILTIN_ALIASES: dict[str, str] = {"heygen": "liveavatar", "d-id": "did"}
 

@@ -133,7 +133,7 @@ class Router:
         eligible: list[tuple[int, str, _Inputs]] = []
         for position, (name, settings) in enumerate(self._settings.items()):
             profile = self._profiles[name]
-            avatar_id = avatar.id_at(name)
+            avatar_id = avatar.id_at(name, vendor=profile.vendor)
             inputs = self._inputs(name, profile, observed.get(name))
             excluded: tuple[str, str] | None
             if not settings.enabled:

@@ -59,10 +59,11 @@ from ..consent.store import ConsentStore, GenerationRecord
 from ..disclosure.c2pa import ConsentAssertion, SignedManifest, sign_mp4
 from ..disclosure.certs import SigningCredentials
 from ..disclosure.label import MIN_FRAME_SIDE as LABEL_MIN_SIDE
-from ..disclosure.label import FrameLabeler, LabelConfig
+from ..disclosure.label import LabelConfig
 from ..disclosure.metadata import DisclosureMetadata
+from ..disclosure.stamp import DisclosureStamp
 from ..disclosure.watermark import MIN_FRAME_SIDE as WATERMARK_MIN_SIDE
-from ..disclosure.watermark import WATERMARK_ALG, FrameWatermarker, payload_for
+from ..disclosure.watermark import WATERMARK_ALG, payload_for
 from ..errors import ConfigError, MediaFormatError, SessionStateError
 from ..media import SUPPORTED_SAMPLE_RATES, AudioChunk, VideoFrame
 
@@ -205,9 +206,7 @@ class DisclosedRecorder:
         self.store = store
         self.watermark_payload = payload_for(disclosure.generation_id) if watermark else None
 
-        self._labeler = FrameLabeler(label) if label.enabled else None
-        self._watermarker = FrameWatermarker(self.watermark_payload) \
-            if self.watermark_payload is not None else None
+        self._stamp = DisclosureStamp(label=label, payload=self.watermark_payload)
         self._executor = ThreadPoolExecutor(max_workers=1,
                                             thread_name_prefix="avatarkit-recorder")
         self._state: _State = "open"
@@ -496,12 +495,7 @@ class DisclosedRecorder:
     def _encode_frame(self, data: NDArray[np.uint8], pts: int) -> None:
         container = self._open()
         assert self._video is not None
-        # Label first, then mark: the watermark then covers the label's pixels too, and the
-        # frame that is encoded is exactly the one the mark was computed on.
-        if self._labeler is not None:
-            self._labeler.apply_inplace(data)
-        if self._watermarker is not None:
-            self._watermarker.embed_into(data)
+        self._stamp(data)  # label, then watermark (which then covers the label too)
         frame = av.VideoFrame.from_ndarray(data, format="rgb24")
         frame.pts = pts
         container.mux(self._video.encode(frame))

@@ -1,0 +1,193 @@
+"""The self-hosted engine server's wire protocol (``avatarkit serve``), shared by the server
+(:mod:`avatarkit.local_engine.server`) and its client, the ``local`` provider's remote mode.
+
+HTTP, JSON bodies, ``Authorization: Bearer <api key>`` on every ``/v1`` route when the server
+has a key (always when it is bound to anything but loopback):
+
+=========================================  ===================================================
+``GET  /health``                           :class:`Health` (no key needed)
+``GET  /metrics``                          Prometheus text: sessions, fps, first-frame latency
+``POST /v1/sessions``                      :class:`CreateSession` -> 201 :class:`SessionInfo`;
+                                           the server verifies the consent token itself
+``GET  /v1/sessions[?idempotency_key=K]``  ``{"sessions": [SessionInfo...]}`` (open ones)
+``GET  /v1/sessions/{id}``                 :class:`SessionInfo`
+``DELETE /v1/sessions/{id}``               :class:`SessionEnded` (200 again for one already
+                                           ended; 404 only for an id never seen)
+``GET  /v1/sessions/{id}/audio``           WebSocket: :data:`ClientMessage` text frames and
+                                           binary PCM16LE mono audio at the session's
+                                           ``sample_rate``; :data:`ServerMessage` back
+``POST /whep/{id}``                        WHEP (RFC 9725), ``Bearer <viewer_token>`` or the key
+``GET  /viewer/{id}``                      the browser viewer page
+=========================================  ===================================================
+
+Audio binary frames belong to the current utterance: the one named by the last
+:class:`Speak`, or a new one the server names when none is open. Every message the server
+sends is JSON text with a ``type``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter
+
+from ..disclosure.metadata import DisclosureMetadata
+
+__all__ = [
+    "API_PREFIX",
+    "ClearBuffer",
+    "Cleared",
+    "ClientMessage",
+    "CreateSession",
+    "EndUtterance",
+    "ErrorMessage",
+    "Health",
+    "PlaybackFinishedMessage",
+    "PlaybackStartedMessage",
+    "ServerMessage",
+    "SessionEnded",
+    "SessionEndedMessage",
+    "SessionInfo",
+    "Speak",
+    "client_message",
+    "server_message",
+]
+
+API_PREFIX = "/v1"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CreateSession(_Model):
+    """``POST /v1/sessions``: start rendering ``avatar`` for ``purpose`` under a consent token."""
+
+    avatar: str = Field(min_length=1, description="The avatar's name at the server.")
+    consent_token: SecretStr = Field(description="Verified by the server itself.")
+    purpose: str = Field(min_length=1)
+    disclosure: DisclosureMetadata = Field(
+        description="The client's disclosure record; its generation_id is watermarked into "
+        "every frame.")
+    idempotency_key: str | None = Field(default=None, max_length=200, description="A retried "
+                                        "create with the same key returns the same session.")
+    max_duration_s: float | None = Field(default=None, gt=0)
+    sample_rate: int = Field(default=16_000, description="The PCM16 mono rate of the audio the "
+                             "client sends over the audio WebSocket.")
+
+
+class SessionInfo(_Model):
+    """A session at the server and where its media is."""
+
+    session_id: str
+    avatar: str
+    engine: str
+    width: int
+    height: int
+    fps: float
+    sample_rate: int
+    audio_url: str = Field(description="The audio WebSocket (path or absolute URL).")
+    whep_url: str = Field(description="The WHEP endpoint of the session's media.")
+    viewer_url: str = Field(description="The browser viewer page.")
+    viewer_token: str | None = Field(default=None, description="A bearer credential for the "
+                                     "WHEP endpoint and viewer only; None when the server has "
+                                     "no key.")
+    idempotency_key: str | None = None
+    region: str | None = None
+    created_at: datetime
+    consent_id: str
+
+
+class SessionEnded(_Model):
+    """``DELETE /v1/sessions/{id}``: the session is over (``duration_s`` it ran)."""
+
+    session_id: str
+    ended: Literal[True] = True
+    reason: str
+    duration_s: float
+
+
+class Health(_Model):
+    status: Literal["ok"] = "ok"
+    engine: str
+    sessions: int
+    max_sessions: int
+    version: str
+
+
+# -- audio WebSocket messages -----------------------------------------------------------------
+
+
+class Speak(_Model):
+    """Binary audio after this belongs to ``utterance_id`` (a new id ends the open one)."""
+
+    type: Literal["speak"] = "speak"
+    utterance_id: str = Field(min_length=1, max_length=200)
+
+
+class EndUtterance(_Model):
+    """The open utterance is complete: play what is buffered, then report it finished."""
+
+    type: Literal["end_utterance"] = "end_utterance"
+
+
+class ClearBuffer(_Model):
+    """Interrupt: drop queued audio; answered with :class:`Cleared`."""
+
+    type: Literal["clear_buffer"] = "clear_buffer"
+
+
+ClientMessage = Annotated[Speak | EndUtterance | ClearBuffer, Field(discriminator="type")]
+
+
+class PlaybackStartedMessage(_Model):
+    type: Literal["playback_started"] = "playback_started"
+    utterance_id: str
+    latency_s: float = Field(description="From the utterance's first audio to its first frame.")
+
+
+class PlaybackFinishedMessage(_Model):
+    type: Literal["playback_finished"] = "playback_finished"
+    utterance_id: str
+    position_s: float
+    interrupted: bool
+
+
+class Cleared(_Model):
+    """The answer to :class:`ClearBuffer` (after any ``playback_finished`` it caused)."""
+
+    type: Literal["cleared"] = "cleared"
+    position_s: float
+
+
+class SessionEndedMessage(_Model):
+    type: Literal["session_ended"] = "session_ended"
+    reason: str
+    recoverable: bool = Field(description="False when the server ended it on purpose (max "
+                              "duration, consent revoked, DELETE); True when it failed.")
+
+
+class ErrorMessage(_Model):
+    """A message the server could not act on; the connection stays open."""
+
+    type: Literal["error"] = "error"
+    message: str
+
+
+ServerMessage = Annotated[
+    PlaybackStartedMessage | PlaybackFinishedMessage | Cleared | SessionEndedMessage
+    | ErrorMessage, Field(discriminator="type")]
+
+_CLIENT: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
+_SERVER: TypeAdapter[ServerMessage] = TypeAdapter(ServerMessage)
+
+
+def client_message(text: str | bytes) -> ClientMessage:
+    """Parse a client's text frame (raises pydantic's ``ValidationError``)."""
+    return _CLIENT.validate_json(text)
+
+
+def server_message(text: str | bytes) -> ServerMessage:
+    """Parse a server's text frame (raises pydantic's ``ValidationError``)."""
+    return _SERVER.validate_json(text)
