@@ -75,14 +75,19 @@ class SessionDefaults(BaseModel):
         "replay after a failover (the oldest is dropped beyond this).")
 
 
-def default_ledger_path() -> Path:
-    """``$AVATARKIT_STATE_DIR/sessions.db``, else under ``$XDG_STATE_HOME`` (or
-    ``~/.local/state``) ``/avatarkit/``: a file that outlives the process, so that a crash
-    leaves rows the reaper can find."""
+def default_state_dir() -> Path:
+    """``$AVATARKIT_STATE_DIR``, else ``$XDG_STATE_HOME`` (or ``~/.local/state``)
+    ``/avatarkit``: where files that outlive the process live."""
     if state := os.environ.get("AVATARKIT_STATE_DIR"):
-        return Path(state) / "sessions.db"
+        return Path(state)
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "avatarkit" / "sessions.db"
+    return Path(base) / "avatarkit"
+
+
+def default_ledger_path() -> Path:
+    """``sessions.db`` in :func:`default_state_dir`: a file that outlives the process, so
+    that a crash leaves rows the reaper can find."""
+    return default_state_dir() / "sessions.db"
 
 
 class MeteringConfig(BaseModel):

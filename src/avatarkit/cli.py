@@ -9,6 +9,8 @@
     avatarkit disclosure keygen --out DIR     offline C2PA signing credentials (test CA)
     avatarkit verify FILE [--trust-anchor ROOT.pem] [--store DB] [--json]
                                        which AI-disclosure signals a media file carries
+    avatarkit render --avatar IMG|VIDEO --audio SPEECH --out OUT.mp4 (--consent T --config F
+                     | --demo-consent)   offline lip-sync into a labelled, signed MP4
 """
 
 from __future__ import annotations
@@ -72,9 +74,11 @@ def _parser() -> argparse.ArgumentParser:
 
     from .consent._cli import add_consent_parser
     from .disclosure._cli import add_disclosure_parsers
+    from .local_engine._render_cli import add_render_parser
 
     add_consent_parser(sub)
     add_disclosure_parsers(sub)
+    add_render_parser(sub)
     return parser
 
 
@@ -140,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .disclosure._cli import run_verify
 
             return run_verify(args)
+        if args.command == "render":
+            from .local_engine._render_cli import run_render
+
+            return run_render(args)
     except AvatarKitError as exc:
         print(f"avatarkit: error: {exc}", file=sys.stderr)
         return 2

@@ -45,6 +45,7 @@ __all__ = [
     "ROOT_FILE",
     "SigningAlgorithm",
     "SigningCredentials",
+    "demo_signing_credentials",
     "generate_signing_credentials",
 ]
 
@@ -342,3 +343,20 @@ def _read_private_key(path: Path) -> _CAPrivateKey:
 
 def _algorithm_of(key: _CAPrivateKey) -> SigningAlgorithm:
     return "ed25519" if isinstance(key, ed25519.Ed25519PrivateKey) else "es256"
+
+
+def demo_signing_credentials(directory: Path | None = None) -> SigningCredentials:
+    """Offline test-CA signing credentials for demos (``avatarkit demo``, ``render
+    --demo-consent``): made once in ``directory`` (default ``demo-signer`` in the state
+    directory) and reused while valid, so a verifier can keep pinning the same ``root.pem``.
+    Never use them for media that leaves your machine: anyone can make such a CA."""
+    from .._config import default_state_dir
+
+    where = Path(directory) if directory is not None else default_state_dir() / "demo-signer"
+    try:
+        credentials = SigningCredentials.load(where)
+        credentials.read_signer_material()  # still valid
+        return credentials
+    except ConfigError:
+        return generate_signing_credentials(where, common_name="avatarkit demo signer",
+                                            days=30, overwrite=True)

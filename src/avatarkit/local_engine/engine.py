@@ -62,5 +62,9 @@ class LipSyncEngine(ABC):
         return [self.render(a, source_index=i, speaking=s)
                 for a, i, s in zip(audio, source_indices, speaking, strict=True)]
 
+    def warm_up(self) -> None:  # noqa: B027  (optional hook, not abstract)
+        """Do one-time work (caches, lazy imports, kernels) now, so the first frame a viewer
+        waits for is as fast as the rest. Called once when the engine is built."""
+
     def reset(self) -> None:  # noqa: B027  (optional hook, not abstract)
         """Forget mouth-model state (after an interrupt the next frame starts from rest)."""

@@ -81,4 +81,6 @@ def build_engine(name: str, avatar: str | os.PathLike[str], *, fps: float | None
     from .lite import LiteEngine
 
     prepared = prepare_avatar(Path(avatar), cache_dir=cache_dir, progress=progress)
-    return LiteEngine(prepared, fps=fps, sample_rate=sample_rate)
+    engine = LiteEngine(prepared, fps=fps, sample_rate=sample_rate)
+    engine.warm_up()
+    return engine

@@ -749,13 +749,16 @@ class LiteEngine(LipSyncEngine):
         self.shape = REST
 
     def warm_up(self, source_indices: Iterable[int] | None = None) -> None:
-        """Build the per-source-frame data now (every frame by default) instead of on first
-        use: about 15 ms a frame, plus loading OpenCV and SciPy once. A video avatar's first
-        cycle renders at full speed afterwards."""
-        indices = range(self.source_frames) if source_indices is None else source_indices
+        """Build the per-source-frame data now instead of on first use: about 15 ms a frame,
+        plus loading OpenCV and SciPy once, and draw one open-mouth frame. By default the
+        first eight source frames (the rest are built as the cycle reaches them, well within
+        a frame's time); pass ``range(engine.source_frames)`` for all of them."""
+        indices = range(min(8, self.source_frames)) if source_indices is None \
+            else source_indices
         for index in indices:
             self._check_index(index)
             self._rig(index)
+        self._draw(MouthShape(openness=0.5, width=0.0, rounding=0.0), 0)
 
     # -- helpers for tools and tests
 
