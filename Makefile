@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-demo: $(STAMP)  ## a scripted session against the offline Tavus emulator
+demo: $(STAMP)  ## a talking avatar rendered on this machine -> demo.mp4, verified
 	$(BIN)/avatarkit demo
 
 lint: $(STAMP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -119,8 +120,32 @@ max_price_per_minute = "0.50"
     assert json.loads(none.stdout)["chosen"] is None
 
 
-def test_demo_runs_end_to_end() -> None:
-    result = avatarkit("demo")
+def test_the_demo_renders_a_verified_video_on_a_fresh_machine(tmp_path: Path) -> None:
+    # a fresh machine: an empty state directory (no cached avatar, no demo signer yet)
+    env = {**os.environ, "AVATARKIT_STATE_DIR": str(tmp_path / "state")}
+    out = tmp_path / "demo.mp4"
+    result = subprocess.run([sys.executable, "-m", "avatarkit.cli", "demo", "--out", str(out)],
+                            capture_output=True, text=True, timeout=180, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = result.stdout
+    for expected in ("-> local: eligible, rank 1", "chosen: local",
+                     "engine     lite: no MuseTalk weights configured",
+                     "verdict: AI-GENERATED (signals: c2pa, watermark, generation-log)",
+                     "trusted signer; says AI-generated", "the signals present agree"):
+        assert expected in text, expected
+    latency = re.search(r"first frame (\d+) ms after the first audio chunk; ([\d.]+) fps", text)
+    assert latency and 0 < int(latency.group(1)) < 2000 and float(latency.group(2)) > 10
+    assert out.is_file()
+    # the printed command verifies it again, from the files the demo left
+    again = re.search(r"again\s+avatarkit (verify .+)", text)
+    assert again
+    check = subprocess.run([sys.executable, "-m", "avatarkit.cli", *again.group(1).split()],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert check.returncode == 0 and "signals: c2pa, watermark, generation-log" in check.stdout
+
+
+def test_vendor_emulator_demo_runs_end_to_end() -> None:
+    result = avatarkit("demo", "--vendor-emulator")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for expected in ("consent    cns_", "-> tavus", "signed notice verified", "session_started",

@@ -1,161 +1,148 @@
-"""``avatarkit demo``: a scripted session against the offline Tavus emulator.
+"""``avatarkit demo``: a talking avatar on this machine, no keys, no GPU, no network.
 
-No keys, no network: it starts the emulator on loopback and an in-process consent registry,
-records Amelia's consent and issues a token for it, configures a kit for both in code, speaks
-two utterances (the second one interrupted), then revokes the consent while the session is
-live: the session ends with ``consent_revoked``, and the same token is refused afterwards. It
-prints the route, the disclosure, the events, the billed time and the generation log, then
-checks that the emulator has nothing left open.
+1. Records a demo consent for the bundled sample avatar (a public-domain portrait, see
+   ``avatarkit/assets/README.md``) in a throwaway registry, and issues its token.
+2. Routes with a self-hosted-only policy: the ``local`` provider wins (MuseTalk when
+   ``--weights`` are given and the engine is available, else the weightless lite engine; it
+   says which and why).
+3. Opens a live session through the kit, speaks the first seconds of the bundled speech clip
+   at real-time pace and measures the first-frame latency and the frame rate.
+4. Renders the whole clip offline to ``demo.mp4``: burned-in label, watermark, C2PA manifest
+   signed by a demo test CA, generation-log entry.
+5. Verifies the file as ``avatarkit verify`` would and prints the summary.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
 
-import numpy as np
-
-from ._config import KitConfig
-from .errors import ConsentViolation
-from .events import Closed, SessionEvent
-from .kit import AvatarKit
+from ._config import KitConfig, default_state_dir
+from .events import SpeechEnded, SpeechStarted
 from .media import AudioChunk
-from .session import AvatarSession
 
-if TYPE_CHECKING:
-    from .consent.authority import ConsentAuthority
+__all__ = ["SAMPLE_AVATAR", "run_demo", "sample_avatar_path", "sample_speech_path"]
 
-__all__ = ["run_demo", "speech_like"]
-
-DEMO_KEY = "demo-key"
-DEMO_ISSUER = "https://consent.demo.invalid"
-DEMO_AUDIENCE = "avatarkit-demo"
-DEMO_FACE = "r_demo_amelia"
-PRICE_PER_MINUTE = "0.32"  # illustrative; Tavus' list price is not published
+SAMPLE_AVATAR = "sample"
+POLICY = "private"
 
 
-def speech_like(seconds: float, *, sample_rate: int = 48_000, f0: float = 140.0) -> np.ndarray:
-    """Float audio that sounds like voiced speech: a harmonic source, two formants, syllables."""
-    t = np.arange(int(seconds * sample_rate)) / sample_rate
-    pitch = f0 * (1 + 0.05 * np.sin(2 * np.pi * 0.7 * t))
-    phase = 2 * np.pi * np.cumsum(pitch) / sample_rate
-    voice = sum(np.sin(k * phase) / k for k in range(1, 12))
-    formants = 1 + 0.6 * np.sin(2 * np.pi * 3.5 * t) * np.sin(phase * 5)
-    syllables = np.clip(np.sin(2 * np.pi * 4.0 * t), 0, None) ** 0.6
-    audio = 0.25 * voice * formants * syllables
-    return np.asarray(audio / max(1e-9, float(np.abs(audio).max())) * 0.6, dtype=np.float32)
+def sample_avatar_path() -> Path:
+    """The bundled public-domain portrait."""
+    return Path(str(files("avatarkit") / "assets" / "sample_avatar.jpg"))
 
 
-async def _stream(session: AvatarSession, audio: np.ndarray, *, sample_rate: int,
-                  stop_after: float | None = None) -> None:
-    """Send ``audio`` in 20 ms chunks at real-time pace (as a TTS stream would)."""
-    step = sample_rate // 50
-    started = time.monotonic()
-    for i, offset in enumerate(range(0, audio.size, step)):
-        if stop_after is not None and offset / sample_rate >= stop_after:
-            return
-        chunk = AudioChunk.from_float(audio[offset:offset + step], sample_rate=sample_rate)
-        await session.send_audio(chunk)
-        await asyncio.sleep(max(0.0, started + (i + 1) * 0.02 - time.monotonic()))
+def sample_speech_path() -> Path:
+    """The bundled eSpeak NG speech clip (16 kHz mono WAV)."""
+    return Path(str(files("avatarkit") / "assets" / "sample_speech.wav"))
 
 
-async def _demo_consent(authority: ConsentAuthority) -> tuple[str, str]:
-    """Amelia's recorded consent: her avatar, for demos, on Tavus, for a day."""
-    now = datetime.now(UTC)
-    grant, token = await authority.grant(
-        audience=DEMO_AUDIENCE,
-        subject={"subject_ref": "subj_amelia_demo", "display_name": "Amelia (demo)"},
-        grantor={"role": "self", "grantor_ref": "subj_amelia_demo"},
-        avatars=["amelia"], vendor_ids={"tavus": [DEMO_FACE]}, purposes=["demo"],
-        channels=["live"], providers=["tavus"],
-        valid_from=now - timedelta(minutes=1), expires_at=now + timedelta(days=1),
-        evidence={"recording_sha256": "0" * 64, "storage_ref": "demo://consent/amelia.mp4",
-                  "challenge_phrase": "copper heron twelve"},
+def demo_config(consent: dict[str, Any], *, weights: Path | None,
+                cache_dir: Path | None, subject: str, **local: Any) -> KitConfig:
+    """A kit with only the local provider, the sample avatar and a self-hosted-only policy."""
+    return KitConfig(
+        providers={"local": {"engine": "auto", "weights": weights, "cache_dir": cache_dir,
+                             **local}},
+        avatars={SAMPLE_AVATAR: {"display_name": "Sample (public-domain portrait)",
+                                 "local": str(sample_avatar_path()),
+                                 "consent_subject": subject}},
+        policies={POLICY: {"description": "self-hosted only: nothing leaves this machine",
+                           "self_hosted_only": True}},
+        consent=consent,
+        metering={"ledger": ":memory:"},
     )
-    return grant.consent_id, token
 
 
-async def run_demo(*, json_lines: bool = False) -> int:
-    from .consent.authority import ConsentAuthority
-    from .consent.keys import IssuerKey
+async def run_demo(*, out: Path, weights: Path | None = None) -> int:
+    from .consent.demo import DEMO_PURPOSE, DemoConsent
     from .consent.store import SQLiteConsentStore
-    from .disclosure.notice import verify_disclosure_notice
-    from .emulators import TavusEmulator
+    from .disclosure.certs import demo_signing_credentials
+    from .disclosure.verify import verify_media
+    from .kit import AvatarKit
+    from .local_engine.render import read_speech, render_video
 
-    print("avatarkit demo: a scripted session against the offline Tavus emulator")
-    authority = ConsentAuthority(IssuerKey.generate(), issuer=DEMO_ISSUER,
-                                 store=SQLiteConsentStore(":memory:"), status_ttl_s=1)
-    async with authority, TavusEmulator(api_keys=[DEMO_KEY], faces=[DEMO_FACE]) as emulator:
-        print(f"emulator   {emulator.url}")
-        consent_id, token = await _demo_consent(authority)
-        print(f"consent    {consent_id} recorded; token issued by {DEMO_ISSUER}")
-        config = KitConfig(
-            providers={"tavus": {"api_key": DEMO_KEY, "base_url": emulator.url,
-                                 "channel": "websocket", "price_per_minute": PRICE_PER_MINUTE}},
-            avatars={"amelia": {"display_name": "Amelia", "tavus": DEMO_FACE,
-                                "consent_subject": "subj_amelia_demo"}},
-            consent={"audience": DEMO_AUDIENCE, "issuers": [DEMO_ISSUER],
-                     "jwks": authority.jwks(), "recheck_interval_s": 0.5},
-            # the demo's emulator dies with it: nothing for a reaper to find later
-            metering={"ledger": ":memory:"},
-        )
-        t0 = time.monotonic()
-        kit = AvatarKit(config, status_source=authority.source, consent_store=authority.store)
+    state = default_state_dir()
+    state.mkdir(parents=True, exist_ok=True)
+    store_path = state / "demo-consent.db"
+    cache_dir = state / "prepared-avatars"
+    print("avatarkit demo: a talking avatar rendered on this machine (no keys, no GPU)")
+    speech = read_speech(sample_speech_path())
+    async with DemoConsent(SAMPLE_AVATAR, store=SQLiteConsentStore(store_path)) as demo:
+        print(f"consent    {demo.consent_id}: demo grant for the sample avatar, recorded in "
+              f"{store_path}")
+        config = demo_config(demo.consent_config(), weights=weights, cache_dir=cache_dir,
+                             subject=demo.subject_ref)
+        kit = AvatarKit(config, status_source=demo.authority.source,
+                        consent_store=demo.authority.store)
         async with kit:
-            async with kit.session("amelia", consent=token, purpose="demo") as session:
-                route = session.route.explain().replace("\n", "\n           ")
-                print(f"route      {route}")
-                join = session.join
-                print(f"join       {join.kind} {join.url}")
-                assert join.disclosure_notice is not None
-                shown = verify_disclosure_notice(join.disclosure_notice, kit.disclosure_keys())
-                print(f"disclosure {shown.label}: {shown.notice} (signed notice verified; "
-                      f"consent {shown.consent_id}, generation {shown.generation_id})")
-                printer = asyncio.create_task(_print_events(session.events(), t0, json_lines))
+            decision = kit.route(SAMPLE_AVATAR, purpose=DEMO_PURPOSE, policy=POLICY)
+            print("route      " + decision.explain().replace("\n", "\n           "))
+            from .local_engine.engines import choose_engine
 
-                first = speech_like(1.2)
-                await _stream(session, first, sample_rate=48_000)
-                await session.end_utterance()
-                await asyncio.sleep(1.6)  # let it finish speaking
-
-                second = speech_like(3.0, f0=120.0)
-                await _stream(session, second, sample_rate=48_000, stop_after=1.5)
-                position = await session.interrupt()
-                print(f"interrupt  stopped at {position:.2f} s into the second utterance")
-
-                await authority.revoke(consent_id, reason="subject withdrew consent (demo)")
-                print("revoke     consent revoked at the registry; the session must end")
-                await printer
-            try:
-                async with kit.session("amelia", consent=token, purpose="demo"):
-                    pass
-            except ConsentViolation as exc:
-                print(f"refused    a new session with the same token: {exc.check} ({exc})")
-        log = await authority.store.generations(consent_id)
-        print(f"log        {len(log)} generation-log entries under {consent_id}: "
-              + ", ".join(sorted({r.kind for r in log})))
-        billed = session.billed_seconds
-        print(f"billed     {billed:.2f} s on {session.provider} "
-              f"(${float(PRICE_PER_MINUTE) * billed / 60:.4f} at ${PRICE_PER_MINUTE}/min)")
-        print(f"vendor     {emulator.open_sessions} open sessions, "
-              f"{emulator.billed_seconds:.2f} s billed by the emulator")
-        return 0 if emulator.open_sessions == 0 else 1
+            choice = choose_engine("auto", weights=weights)
+            print(f"engine     {choice.name}: {choice.reason}")
+            latency, fps = await _live_check(kit, demo.token, speech)
+            print(f"live       first frame {latency * 1000:.0f} ms after the first audio "
+                  f"chunk; {fps:.1f} fps (real-time pace)")
+        result = await render_video(
+            avatar=sample_avatar_path(), audio=speech, out=out, consent=demo.token,
+            gate=demo.gate, purpose=DEMO_PURPOSE, avatar_name=SAMPLE_AVATAR,
+            consent_subject=demo.subject_ref, engine=choice.name, weights=weights,
+            credentials=(signer := demo_signing_credentials()), cache_dir=cache_dir,
+            overwrite=True, progress=True)
+        print(f"render     {result.path}: {result.frames} frames, {result.duration_s:.1f} s at "
+              f"{result.fps:g} fps in {result.elapsed_s:.2f} s ({result.render_fps:.0f} "
+              f"frames/s)")
+        anchor = signer.root_pem_path
+        assert anchor is not None
+        report = await verify_media(out, trust_anchors_pem=anchor.read_text(),
+                                    store=demo.authority.store)
+        print("verify     " + report.text().replace("\n", "\n           "))
+        print(f"again      avatarkit verify {out} --trust-anchor {anchor} --store {store_path}")
+        complete = report.signals == ["c2pa", "watermark", "generation-log"] and \
+            report.consistent and report.manifest.state == "trusted"
+    return 0 if complete else 1
 
 
-async def _print_events(events: AsyncIterator[SessionEvent], t0: float,
-                        json_lines: bool) -> None:
-    async for event in events:
-        if json_lines:
-            print(event.model_dump_json())
-        else:
-            details = event.model_dump(
-                exclude={"session_id", "at", "type", "join", "disclosure", "disclosure_notice"},
-                exclude_none=True)
-            text = " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in details.items())
-            print(f"event      +{time.monotonic() - t0:5.2f}s {event.type:<15} {text}")
-        if isinstance(event, Closed):
-            return
+async def _live_check(kit: Any, token: str, speech: list[AudioChunk]) -> tuple[float, float]:
+    """Speak the first two seconds in a live session at real-time pace: the first-frame
+    latency (first audio chunk to the first frame that shows it) and the frame rate."""
+    step = 320  # 20 ms at 16 kHz
+    samples = [chunk.samples.reshape(-1) for chunk in speech]
+    import numpy as np
+
+    audio = np.concatenate(samples)[: 2 * 16_000]
+    async with kit.session(SAMPLE_AVATAR, consent=token, purpose="demo", policy=POLICY) as s:
+        frames = 0
+        first_at = 0.0
+
+        async def count() -> None:
+            nonlocal frames, first_at
+            async for _ in s.video():
+                frames += 1
+                if frames == 1:
+                    first_at = time.monotonic()
+
+        counter = asyncio.create_task(count())
+        events = s.events()
+        sent_at, sent_wall = time.monotonic(), time.time()
+        for i, offset in enumerate(range(0, len(audio), step)):
+            await s.send_audio(AudioChunk(audio[offset:offset + step], 16_000))
+            await asyncio.sleep(max(0.0, sent_at + (i + 1) * 0.02 - time.monotonic()))
+        await s.end_utterance()
+        latency = math.nan
+        async with asyncio.timeout(10):
+            async for event in events:
+                if isinstance(event, SpeechStarted):  # stamped when its first frame left
+                    latency = event.at.timestamp() - sent_wall
+                if isinstance(event, SpeechEnded):
+                    break
+        elapsed = time.monotonic() - first_at
+        counted = frames
+        counter.cancel()
+        await asyncio.gather(counter, return_exceptions=True)
+    return latency, (counted - 1) / elapsed if elapsed > 0 and counted > 1 else math.nan

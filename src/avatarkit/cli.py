@@ -1,6 +1,7 @@
 """The ``avatarkit`` command.
 
-    avatarkit demo                     a scripted session against the offline Tavus emulator
+    avatarkit demo [--out demo.mp4]    a talking avatar rendered on this machine
+    avatarkit demo --vendor-emulator   a scripted session against the offline Tavus emulator
     avatarkit emulate [VENDOR ...]     serve offline vendor emulators (default: all)
     avatarkit route --config F --avatar A [--purpose P] [--policy X] [--json]
     avatarkit sessions list|reap|usage --config F   the session ledger: open sessions, ending
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import AvatarKitError
 
@@ -32,8 +34,17 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="run a scripted session against the Tavus emulator")
-    demo.add_argument("--json", action="store_true", help="print events as JSON lines")
+    demo = sub.add_parser("demo", help="a talking avatar rendered on this machine: route, "
+                          "live session, demo.mp4 with every disclosure layer, verify")
+    demo.add_argument("--out", type=Path, default=Path("demo.mp4"),
+                      help="where the video goes (default: demo.mp4)")
+    demo.add_argument("--weights", type=Path, metavar="DIR",
+                      help="MuseTalk weights (the lite CPU engine renders without them)")
+    demo.add_argument("--vendor-emulator", action="store_true",
+                      help="instead: a scripted session against the offline Tavus emulator "
+                      "(consent revocation, interrupts, billing)")
+    demo.add_argument("--json", action="store_true",
+                      help="--vendor-emulator: print events as JSON lines")
 
     emulate = sub.add_parser("emulate", help="serve offline vendor API emulators")
     emulate.add_argument("vendors", nargs="*", metavar="VENDOR",
@@ -105,9 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
+            if args.vendor_emulator:
+                from ._demo_vendor import run_vendor_demo
+
+                return asyncio.run(run_vendor_demo(json_lines=args.json))
             from ._demo import run_demo
 
-            return asyncio.run(run_demo(json_lines=args.json))
+            return asyncio.run(run_demo(out=args.out, weights=args.weights))
         if args.command == "emulate":
             from .emulators import run_emulators
 
