@@ -20,8 +20,19 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/mypy
 
-test: lint  ## ruff + mypy --strict + the whole suite
-	$(BIN)/pytest -q
+# The browser test drives Debian's Chromium (headless) through Playwright.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver
+
+test: lint $(CHROMIUM)  ## ruff + mypy --strict + the whole suite (installs Chromium if missing)
+	AVATARKIT_BROWSER_TESTS=required $(BIN)/pytest -q
 
 bench: $(STAMP)  ## benchmarks; results go to docs/performance.md
 	$(BIN)/python benchmarks/send_audio.py --write
+	$(BIN)/python benchmarks/lite_engine.py --write
+	$(BIN)/python benchmarks/offline_render.py --write
+	$(BIN)/python benchmarks/whep_first_frame.py --write

@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ("consent_tokens.py", ["--iterations", "20"], "token length"),
     ("watermark.py", ["--repeat", "5"], "PSNR"),
     ("route.py", ["--decisions", "300", "--sessions", "5"], "concurrent sessions: 5/5 live"),
+    ("whep_first_frame.py", ["--trials", "2"], "first frame after speech"),
+    ("offline_render.py", ["--seconds", "1", "--runs", "1"], "offline render of 1 s"),
 ])
 def test_benchmark_runs(script: str, args: list[str], expect: str) -> None:
     before = (ROOT / "docs" / "performance.md").read_text()

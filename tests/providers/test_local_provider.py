@@ -19,8 +19,10 @@ from avatarkit.consent.authority import ConsentAuthority
 from avatarkit.disclosure.label import FrameLabeler
 from avatarkit.disclosure.watermark import WatermarkDetector, payload_for
 from avatarkit.errors import NoFaceError
+from avatarkit.events import Interrupted, SpeechEnded, SpeechStarted
 from avatarkit.media import VideoFrame
 from avatarkit.providers.local import LocalProvider
+from avatarkit.routing.router import RouteDecision
 
 from ..conftest import CONSENT, consent_config, next_event, sdk_tasks, send_speech
 from ..local_engine import astronaut
@@ -81,6 +83,7 @@ async def test_a_private_policy_routes_to_the_local_engine_and_frames_carry_the_
             started = await next_event(events, "speech_started")
             spoken = await first_frames(video, 12)
             ended = await next_event(events, "speech_ended", within=5)
+            assert isinstance(started, SpeechStarted) and isinstance(ended, SpeechEnded)
             assert started.utterance_id == ended.utterance_id
         assert s.billed_seconds > 0
 
@@ -113,7 +116,7 @@ async def test_interrupt_returns_the_position_reached(
         await asyncio.sleep(0.5)
         position = await s.interrupt()
         interrupted = await next_event(events, "interrupted")
-        assert interrupted.acknowledged
+        assert isinstance(interrupted, Interrupted) and interrupted.acknowledged
         assert 0.3 < position < 1.5
         assert interrupted.playback_position == pytest.approx(position)
         # the engine is idle again: a new utterance plays from its start
@@ -180,7 +183,8 @@ async def test_profile_is_self_hosted_with_a_known_price(
         assert profile.price_per_minute == Decimal("0.05")
         with pytest.raises(NoRouteError) as refused:
             priced.route("amelia", purpose="support", policy="eu")
-        assert "eu-onprem" in str(refused.value.decision.explain())
+        assert isinstance(refused.value.decision, RouteDecision)
+        assert "eu-onprem" in refused.value.decision.explain()
 
 
 @pytest.mark.parametrize(("settings", "field"), [
