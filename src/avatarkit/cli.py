@@ -12,6 +12,8 @@
                                        which AI-disclosure signals a media file carries
     avatarkit render --avatar IMG|VIDEO --audio SPEECH --out OUT.mp4 (--consent T --config F
                      | --demo-consent)   offline lip-sync into a labelled, signed MP4
+    avatarkit serve --config F [--host H] [--port P] [--api-key env:VAR]
+                                       the self-hosted engine server (sessions, WHEP, viewer)
 """
 
 from __future__ import annotations
@@ -86,10 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     from .consent._cli import add_consent_parser
     from .disclosure._cli import add_disclosure_parsers
     from .local_engine._render_cli import add_render_parser
+    from .local_engine._serve_cli import add_serve_parser
 
     add_consent_parser(sub)
     add_disclosure_parsers(sub)
     add_render_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 
@@ -163,6 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .local_engine._render_cli import run_render
 
             return run_render(args)
+        if args.command == "serve":
+            from .local_engine._serve_cli import run_serve
+
+            return run_serve(args)
     except AvatarKitError as exc:
         print(f"avatarkit: error: {exc}", file=sys.stderr)
         return 2

@@ -182,6 +182,46 @@ async def test_clear_buffer_ends_the_segment_at_the_position_reached() -> None:
     assert engine.resets == 1 and not runner.speaking
 
 
+async def test_clear_buffer_while_the_last_frame_is_drawn_still_ends_that_segment() -> None:
+    """The segment's last frame is planned (the segment left the queue) but not yet yielded
+    when the interrupt comes: its end must still be reported, as interrupted."""
+    drawing = threading.Event()
+    release = threading.Event()
+
+    class SlowEngine(LevelEngine):
+        def render_batch(self, audio: Sequence[NDArray[np.int16]], *,
+                         source_indices: Sequence[int],
+                         speaking: Sequence[bool]) -> list[NDArray[np.uint8]]:
+            if any(speaking):
+                drawing.set()
+                release.wait(5)
+            return super().render_batch(audio, source_indices=source_indices,
+                                        speaking=speaking)
+
+    async with AvatarRunner(SlowEngine()) as runner:
+        await runner.push_audio(tone(SPF / RATE), segment_id="short")  # exactly one frame
+        runner.end_utterance()
+        items: list[RunnerOutput] = []
+
+        async def consume() -> None:
+            async for item in runner.frames():
+                items.append(item)
+                if isinstance(item, SegmentEnd):
+                    return
+
+        consumer = asyncio.create_task(consume())
+        await asyncio.to_thread(drawing.wait, 5)
+        assert runner.speaking
+        position = runner.clear_buffer()
+        release.set()
+        async with asyncio.timeout(5):
+            await consumer
+    ends = [x for x in items if isinstance(x, SegmentEnd)]
+    assert [(e.segment_id, e.interrupted) for e in ends] == [("short", True)]
+    assert position == pytest.approx(SPF / RATE)  # its audio was taken for the frame
+    assert not any(isinstance(x, RunnerFrame) and x.speaking for x in items)
+
+
 async def test_audio_for_a_new_segment_ends_the_open_one() -> None:
     engine = LevelEngine()
     async with AvatarRunner(engine, realtime=False) as runner:

@@ -10,7 +10,8 @@ has a key (always when it is bound to anything but loopback):
 ``POST /v1/sessions``                      :class:`CreateSession` -> 201 :class:`SessionInfo`;
                                            the server verifies the consent token itself
 ``GET  /v1/sessions[?idempotency_key=K]``  ``{"sessions": [SessionInfo...]}`` (open ones)
-``GET  /v1/sessions/{id}``                 :class:`SessionInfo`
+``GET  /v1/sessions/{id}``                 :class:`SessionInfo` (410 with the end reason once
+                                           ended)
 ``DELETE /v1/sessions/{id}``               :class:`SessionEnded` (200 again for one already
                                            ended; 404 only for an id never seen)
 ``GET  /v1/sessions/{id}/audio``           WebSocket: :data:`ClientMessage` text frames and
@@ -74,7 +75,8 @@ class CreateSession(_Model):
                                         "create with the same key returns the same session.")
     max_duration_s: float | None = Field(default=None, gt=0)
     sample_rate: int = Field(default=16_000, description="The PCM16 mono rate of the audio the "
-                             "client sends over the audio WebSocket.")
+                             "client sends over the audio WebSocket; one of "
+                             "avatarkit.media.SUPPORTED_SAMPLE_RATES.")
 
 
 class SessionInfo(_Model):
@@ -89,7 +91,8 @@ class SessionInfo(_Model):
     sample_rate: int
     audio_url: str = Field(description="The audio WebSocket (path or absolute URL).")
     whep_url: str = Field(description="The WHEP endpoint of the session's media.")
-    viewer_url: str = Field(description="The browser viewer page.")
+    viewer_url: str = Field(description="The browser viewer page; when the server has a key "
+                            "it carries ?token=<viewer_token>, so it opens as it is.")
     viewer_token: str | None = Field(default=None, description="A bearer credential for the "
                                      "WHEP endpoint and viewer only; None when the server has "
                                      "no key.")
@@ -165,7 +168,8 @@ class SessionEndedMessage(_Model):
     type: Literal["session_ended"] = "session_ended"
     reason: str
     recoverable: bool = Field(description="False when the server ended it on purpose (max "
-                              "duration, consent revoked, DELETE); True when it failed.")
+                              "duration, consent revoked, DELETE, idle); True when it failed "
+                              "or the server shut down (another server may take over).")
 
 
 class ErrorMessage(_Model):

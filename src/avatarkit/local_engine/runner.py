@@ -125,6 +125,8 @@ class AvatarRunner:
         self._spf = engine.samples_per_frame
         self._max_buffered = int(max_buffered_s * self._rate)
         self._segments: deque[_Segment] = deque()
+        #: segments whose last frame was planned but whose end is not yielded yet
+        self._draining: list[_Segment] = []
         self._resamplers: dict[tuple[int, int], AudioResampler] = {}
         self._outbox: deque[SegmentEnd] = deque()
         self._wake = asyncio.Event()
@@ -176,12 +178,17 @@ class AvatarRunner:
         seconds of it played (0.0 when nothing was playing)."""
         self._check_open()
         position = 0.0
-        if self._segments:
-            head = self._segments[0]
+        # Segments whose last frame is being drawn or paced have left the queue, but their
+        # end was not yielded yet: they are the ones playing.
+        playing = [*self._draining, *self._segments]
+        if playing:
+            head = playing[0]
             position = head.played / self._rate
             self._outbox.append(SegmentEnd(head.segment_id, position, interrupted=True))
-            for queued in list(self._segments)[1:]:
-                self._outbox.append(SegmentEnd(queued.segment_id, 0.0, interrupted=True))
+            for other in playing[1:]:
+                self._outbox.append(SegmentEnd(other.segment_id, other.played / self._rate,
+                                               interrupted=True))
+        self._draining.clear()
         self._segments.clear()
         self._resamplers.clear()
         self._epoch += 1
@@ -199,7 +206,7 @@ class AvatarRunner:
 
     @property
     def speaking(self) -> bool:
-        return bool(self._segments)
+        return bool(self._segments or self._draining)
 
     @property
     def open_segment(self) -> str | None:
@@ -294,6 +301,8 @@ class AvatarRunner:
                         segment_id=segments[k], index=index)
                     end = ends[k]
                     if end is not None:
+                        self._draining = [d for d in self._draining
+                                          if d.segment_id != end.segment_id]
                         yield end
         finally:
             self._iterating = False
@@ -313,6 +322,7 @@ class AvatarRunner:
                 end = None
                 if head.ended and head.buffered == 0:
                     self._segments.popleft()
+                    self._draining.append(head)
                     end = SegmentEnd(head.segment_id, head.played / self._rate, False)
                 ends.append(end)
             elif head.ended:  # ended with nothing left (its last frame was drawn already)
@@ -361,6 +371,7 @@ class AvatarRunner:
             return
         self._closed = True
         self._segments.clear()
+        self._draining.clear()
         self._wake.set()
         with contextlib.suppress(RuntimeError):
             await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown,
