@@ -144,6 +144,33 @@ def test_the_demo_renders_a_verified_video_on_a_fresh_machine(tmp_path: Path) ->
     assert check.returncode == 0 and "signals: c2pa, watermark, generation-log" in check.stdout
 
 
+def test_the_live_demo_serves_the_viewer_page(tmp_path: Path) -> None:
+    env = {**os.environ, "AVATARKIT_STATE_DIR": str(tmp_path / "state")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "avatarkit.cli", "demo", "--out", str(tmp_path / "demo.mp4"),
+         "--live", "--port", "0", "--live-seconds", "6"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tmp_path, env=env)
+    assert proc.stdout is not None
+    try:
+        viewer = None
+        for line in proc.stdout:
+            found = re.search(r"open (http://127\.0\.0\.1:\d+/viewer/\S+) in a browser", line)
+            if found:
+                viewer = found.group(1)
+                break
+        assert viewer, "the live demo printed no viewer URL"
+        page = httpx.get(viewer, timeout=10)
+        assert page.status_code == 200 and "avatarkitViewer" in page.text
+        config = httpx.get(viewer + "/config.json", timeout=10).json()
+        assert config["whep_url"].startswith("/whep/") and config["disclosure_notice"].count(
+            ".") == 2
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
 def test_vendor_emulator_demo_runs_end_to_end() -> None:
     result = avatarkit("demo", "--vendor-emulator")
     assert result.returncode == 0, result.stderr

@@ -10,6 +10,9 @@
 4. Renders the whole clip offline to ``demo.mp4``: burned-in label, watermark, C2PA manifest
    signed by a demo test CA, generation-log entry.
 5. Verifies the file as ``avatarkit verify`` would and prints the summary.
+
+``--live`` then streams the avatar to a browser viewer page over WHEP until Ctrl-C
+(:mod:`avatarkit._demo_live`).
 """
 
 from __future__ import annotations
@@ -57,7 +60,9 @@ def demo_config(consent: dict[str, Any], *, weights: Path | None,
     )
 
 
-async def run_demo(*, out: Path, weights: Path | None = None) -> int:
+async def run_demo(*, out: Path, weights: Path | None = None, live: bool = False,
+                   host: str = "127.0.0.1", port: int = 8080,
+                   live_seconds: float | None = None) -> int:
     from .consent.demo import DEMO_PURPOSE, DemoConsent
     from .consent.store import SQLiteConsentStore
     from .disclosure.certs import demo_signing_credentials
@@ -105,6 +110,11 @@ async def run_demo(*, out: Path, weights: Path | None = None) -> int:
         print(f"again      avatarkit verify {out} --trust-anchor {anchor} --store {store_path}")
         complete = report.signals == ["c2pa", "watermark", "generation-log"] and \
             report.consistent and report.manifest.state == "trusted"
+        if live:
+            from ._demo_live import serve_live
+
+            await serve_live(demo=demo, weights=weights, cache_dir=cache_dir, host=host,
+                             port=port, speech=speech, seconds=live_seconds)
     return 0 if complete else 1
 
 

@@ -21,13 +21,17 @@ class Avatar:
     consent_subject: str | None = None
     local: str | None = None
 
-    def id_at(self, provider: str, *, vendor: str | None = None) -> str | None:
+    def id_at(self, provider: str, *, vendor: str | None = None,
+              remote: bool = False) -> str | None:
         """The avatar's id at ``provider`` (a configured provider name whose adapter is
-        ``vendor``), or None when the avatar is not there. A self-hosted engine (vendor
-        ``local``) without an id of its own renders the avatar's ``local`` media."""
+        ``vendor``), or None when the avatar is not there.
+
+        A self-hosted engine (vendor ``local``) without an id of its own configured renders
+        the avatar's ``local`` media in this process, and knows it by its name on a remote
+        engine server (``remote``), whose config lists its own avatars."""
         found = self.provider_ids.get(provider)
         if found is None and (vendor or provider) == "local":
-            found = self.local
+            found = self.name if remote else self.local
         return found
 
 

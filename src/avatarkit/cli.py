@@ -1,6 +1,6 @@
 """The ``avatarkit`` command.
 
-    avatarkit demo [--out demo.mp4]    a talking avatar rendered on this machine
+    avatarkit demo [--out demo.mp4] [--live]   a talking avatar rendered on this machine
     avatarkit demo --vendor-emulator   a scripted session against the offline Tavus emulator
     avatarkit emulate [VENDOR ...]     serve offline vendor emulators (default: all)
     avatarkit route --config F --avatar A [--purpose P] [--policy X] [--json]
@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="where the video goes (default: demo.mp4)")
     demo.add_argument("--weights", type=Path, metavar="DIR",
                       help="MuseTalk weights (the lite CPU engine renders without them)")
+    demo.add_argument("--live", action="store_true",
+                      help="then stream the avatar to a browser viewer page until Ctrl-C")
+    demo.add_argument("--host", default="127.0.0.1", help="--live: where to listen")
+    demo.add_argument("--port", type=int, default=8080, help="--live: the port (0: any)")
+    demo.add_argument("--live-seconds", type=float, help=argparse.SUPPRESS)
     demo.add_argument("--vendor-emulator", action="store_true",
                       help="instead: a scripted session against the offline Tavus emulator "
                       "(consent revocation, interrupts, billing)")
@@ -126,7 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return asyncio.run(run_vendor_demo(json_lines=args.json))
             from ._demo import run_demo
 
-            return asyncio.run(run_demo(out=args.out, weights=args.weights))
+            return asyncio.run(run_demo(out=args.out, weights=args.weights, live=args.live,
+                                        host=args.host, port=args.port,
+                                        live_seconds=args.live_seconds))
         if args.command == "emulate":
             from .emulators import run_emulators
 

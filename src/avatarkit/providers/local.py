@@ -14,8 +14,9 @@ Two modes, chosen by config, never by code::
     regions = ["eu-onprem"]
 
 An avatar's media is its ``local`` entry (``[avatars.amelia] local = "assets/amelia.mp4"``,
-relative paths under ``assets_dir``); a remote server names avatars in its own config, so
-``[avatars.amelia] gpu-box = "amelia"`` names it there (the ``local`` entry is the default).
+relative paths under ``assets_dir``). A remote server lists avatars in its own config and
+knows them by name: the avatar's own name by default, or the one given as
+``[avatars.amelia] gpu-box = "amelia-v2"``.
 
 In process, the engine runs on a worker thread behind an
 :class:`~avatarkit.local_engine.stream.EngineStream`; every frame carries the burned-in label
@@ -69,6 +70,7 @@ from .base import (
 if TYPE_CHECKING:
     from ..local_engine.protocol import SessionInfo
     from ..local_engine.stream import EngineStream, StreamEvent
+    from ..transport.webrtc import WhepClient
 
 __all__ = ["LocalProvider", "LocalSettings"]
 
@@ -334,6 +336,8 @@ class RemoteSession(ProviderSession):
         self._closing = False
         self._utterance: str | None = None
         self._spoken: set[str] = set()
+        #: WHEP viewers opened by :meth:`video_frames`, closed when the session ends
+        self._viewers: set[WhepClient] = set()
 
     async def connect(self) -> None:
         key = self._provider.settings.api_key
@@ -418,9 +422,26 @@ class RemoteSession(ProviderSession):
         token = self.join.token
         client = WhepClient(self.join.url or "", token=token,
                             timeout=self._provider.settings.timeout)
-        async with client:
-            async for frame in client.video_frames():
-                yield frame
+        self._viewers.add(client)
+        try:
+            async with client:
+                async for frame in client.video_frames():
+                    yield frame
+        finally:
+            self._viewers.discard(client)
+
+    async def _close_viewers(self) -> None:
+        """Release every WHEP viewer (peer connection and server resource). An app that
+        stopped iterating :meth:`video_frames` without closing it would otherwise keep the
+        peer and its tasks running after the session ended. Done before the session's
+        ``DELETE``: afterwards the server no longer accepts the viewer token."""
+        viewers, self._viewers = list(self._viewers), set()
+        for viewer in viewers:
+            try:
+                await viewer.aclose()
+            except Exception as exc:  # best effort: the session's end must still happen
+                logger.warning("closing a WHEP viewer of engine session %s failed: %s",
+                               self.vendor_session_id, type(exc).__name__)
 
     async def _end_at_vendor(self) -> None:
         self._closing = True
@@ -429,6 +450,7 @@ class RemoteSession(ProviderSession):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
         try:
+            await self._close_viewers()
             await self._provider._delete(self._api, self.vendor_session_id)
         except ProviderError as exc:
             if exc.category is ErrorCategory.NOT_FOUND:

@@ -133,7 +133,8 @@ class Router:
         eligible: list[tuple[int, str, _Inputs]] = []
         for position, (name, settings) in enumerate(self._settings.items()):
             profile = self._profiles[name]
-            avatar_id = avatar.id_at(name, vendor=profile.vendor)
+            avatar_id = avatar.id_at(name, vendor=profile.vendor,
+                                     remote=getattr(settings, "url", None) is not None)
             inputs = self._inputs(name, profile, observed.get(name))
             excluded: tuple[str, str] | None
             if not settings.enabled:
