@@ -12,6 +12,9 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
+import numpy as np
+from numpy.typing import NDArray
+
 from avatarkit.emulators._base import EmulatorServer
 
 __all__ = ["FAST_RETRY", "VendorHarness"]
@@ -67,6 +70,14 @@ class VendorHarness(ABC):
     def creates(self, emulator: EmulatorServer) -> int:
         """How many session creates reached the emulator (failed ones included)."""
         return sum(1 for r in emulator.requests if self.is_create(r.method, r.path))
+
+    def mouth_opening(self, rgb: NDArray[np.uint8]) -> float:
+        """How open the avatar's mouth is in a received frame (about 0 closed .. 1 open).
+        The default reads the emulators' synthetic talking face; a real engine measures
+        its own avatar."""
+        from avatarkit.emulators._media import mouth_opening
+
+        return mouth_opening(rgb)
 
     @abstractmethod
     def is_create(self, method: str, path: str) -> bool:

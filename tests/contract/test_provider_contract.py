@@ -40,11 +40,12 @@ from .harness import VendorHarness
 from .harness_did import DIDHarness
 from .harness_did_livekit import DIDLiveKitHarness
 from .harness_liveavatar import LiveAvatarHarness
+from .harness_local import LocalEngineHarness
 from .harness_simli import SimliHarness
 from .harness_tavus import TavusHarness
 
 HARNESSES: list[VendorHarness] = [TavusHarness(), LiveAvatarHarness(), SimliHarness(),
-                                  DIDHarness(), DIDLiveKitHarness()]
+                                  DIDHarness(), DIDLiveKitHarness(), LocalEngineHarness()]
 
 KitMaker = Callable[..., AvatarKit]
 
@@ -289,8 +290,6 @@ async def test_frames_reach_the_process_soon_after_the_first_audio(
             with pytest.raises(CapabilityError, match="video frames"):
                 s.video()
         return
-    from avatarkit.emulators._media import mouth_opening
-
     async with contract_kit() as kit, _open(kit) as s:
         frames = s.video()
         first_audio = time.monotonic()
@@ -299,7 +298,7 @@ async def test_frames_reach_the_process_soon_after_the_first_audio(
         openings: list[float] = []
         async with asyncio.timeout(3.0):
             async for frame in frames:
-                openings.append(mouth_opening(frame.data))
+                openings.append(harness.mouth_opening(frame.data))
                 if len(openings) >= 25:
                     break
         assert time.monotonic() - first_audio < 3.0

@@ -546,7 +546,10 @@ class EngineServer:
         if _secret_matches(token, self._key):
             return True
         session = self._live.get(stream_id)
-        return session is not None and _secret_matches(token, session.viewer_token)
+        if session is None:
+            # an ended session has nothing left to protect: WHEP answers 404 for it
+            return stream_id in self._ended
+        return _secret_matches(token, session.viewer_token)
 
     def _resolve_broadcast(self, stream_id: str) -> AvatarBroadcast | None:
         session = self._live.get(stream_id)
