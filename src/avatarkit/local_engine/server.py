@@ -1102,7 +1102,8 @@ class EngineServer:
                 async with asyncio.timeout(deadline - loop.time()):
                     await session.ended_event.wait()
         for utterance in sorted(before & session.pending.keys()):
-            # the engine dropped its end (cleared while its last frame was in flight)
+            # no end came within the wait (the engine stream stopped): report it here, so
+            # the client's interrupt is always acknowledged
             played = session.pending.pop(utterance) / session.sample_rate
             position = position or played
             socket.send(PlaybackFinishedMessage(utterance_id=utterance, position_s=played,
