@@ -24,6 +24,8 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ._config import KitConfig, default_state_dir
 from .events import SpeechEnded, SpeechStarted
 from .media import AudioChunk
@@ -122,10 +124,7 @@ async def _live_check(kit: Any, token: str, speech: list[AudioChunk]) -> tuple[f
     """Speak the first two seconds in a live session at real-time pace: the first-frame
     latency (first audio chunk to the first frame that shows it) and the frame rate."""
     step = 320  # 20 ms at 16 kHz
-    samples = [chunk.samples.reshape(-1) for chunk in speech]
-    import numpy as np
-
-    audio = np.concatenate(samples)[: 2 * 16_000]
+    audio = np.concatenate([chunk.samples.reshape(-1) for chunk in speech])[: 2 * 16_000]
     async with kit.session(SAMPLE_AVATAR, consent=token, purpose="demo", policy=POLICY) as s:
         frames = 0
         first_at = 0.0

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
+import numpy as np
 
 from .media import AudioChunk
 
 if TYPE_CHECKING:
     from .consent.demo import DemoConsent
+    from .session import AvatarSession
 
 __all__ = ["serve_live"]
 
@@ -55,15 +57,10 @@ async def serve_live(*, demo: DemoConsent, weights: Path | None, cache_dir: Path
             await _speak_in_a_loop(session, speech, seconds)
 
 
-async def _speak_in_a_loop(session: object, speech: list[AudioChunk],
+async def _speak_in_a_loop(session: AvatarSession, speech: list[AudioChunk],
                            seconds: float | None) -> None:
-    from .session import AvatarSession
-
-    assert isinstance(session, AvatarSession)
     step = 320  # 20 ms at 16 kHz
     deadline = time.monotonic() + seconds if seconds is not None else None
-    import numpy as np
-
     audio = np.concatenate([c.samples.reshape(-1) for c in speech])
     while deadline is None or time.monotonic() < deadline:
         started = time.monotonic()

@@ -122,14 +122,14 @@ class LocalProvider(Provider):
         assert isinstance(settings, LocalSettings)
         self.api: VendorHttp | None = None
         if settings.url is not None:
-            key = settings.api_key
-
-            def auth() -> dict[str, str]:
-                return {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
-
             self.api = VendorHttp(provider=self.instance_name, client=self._http_client,
-                                  base_url=settings.url, auth_headers=auth,
+                                  base_url=settings.url, auth_headers=self.auth_headers,
                                   retry=settings.retry, timeout=settings.timeout)
+
+    def auth_headers(self) -> dict[str, str]:
+        """The remote server's bearer header (empty when it has no key)."""
+        key = self.settings.api_key
+        return {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
 
     @property
     def remote(self) -> bool:
@@ -341,9 +341,8 @@ class RemoteSession(ProviderSession):
 
     async def connect(self) -> None:
         key = self._provider.settings.api_key
-        headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
         url = self._provider._absolute(self.info.audio_url)
-        await self._socket.connect(url, headers=headers,
+        await self._socket.connect(url, headers=self._provider.auth_headers(),
                                    secrets=[key.get_secret_value()] if key else [])
         self._reader = asyncio.create_task(self._read(), name=f"local-{self.info.session_id}")
 
