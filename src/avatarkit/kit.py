@@ -54,7 +54,7 @@ from .session import AvatarSession
 
 if TYPE_CHECKING:
     from .consent.enforce import ConsentGate
-    from .consent.keys import IssuerKey, KeySet
+    from .consent.keys import KeySet
     from .consent.status import StatusListSource
     from .consent.store import ConsentStore
     from .disclosure.metadata import DisclosureMetadata
@@ -99,7 +99,12 @@ class AvatarKit:
             self._gate = ConsentGate.from_config(
                 self.config.consent, http=self._http, status_source=status_source,
                 store=consent_store)
-        self._notice_key = self._load_notice_key()
+        from .disclosure.notice import load_notice_key
+
+        self._notice_key = load_notice_key(
+            self.config.disclosure.notice_key,
+            generated_note="kit; publish kit.disclosure_jwks() to viewers"
+            if self.config.consent is not None else None)
         settings = self.config.provider_settings()
         self._providers: dict[str, Provider] = {
             name: get_provider_class(s.kind or name)(s, http=self._http, instance_name=name)
@@ -250,21 +255,6 @@ class AvatarKit:
     def consent_store(self) -> ConsentStore:
         """The consent ledger and generation log (``[consent] store``)."""
         return self._consent_gate().store
-
-    def _load_notice_key(self) -> IssuerKey:
-        from .consent.keys import IssuerKey
-
-        path = self.config.disclosure.notice_key
-        if path is None:
-            if self.config.consent is not None:
-                logger.info("no [disclosure] notice_key: disclosure notices are signed with a "
-                            "key made for this kit; publish kit.disclosure_jwks() to viewers")
-            return IssuerKey.generate()
-        try:
-            return IssuerKey.load(path)
-        except FileNotFoundError:
-            raise ConfigError(f"notice key file not found: {path}",
-                              field="disclosure.notice_key") from None
 
     def disclosure_jwks(self) -> dict[str, Any]:
         """The public key set viewer apps verify disclosure notices with (publish it)."""

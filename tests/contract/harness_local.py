@@ -57,7 +57,6 @@ import aiohttp
 import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 from numpy.typing import NDArray
-from PIL import Image
 
 from avatarkit import KitConfig
 from avatarkit.consent.authority import ConsentAuthority
@@ -68,7 +67,7 @@ from avatarkit.local_engine.lite import LiteEngine
 from avatarkit.local_engine.server import EngineServer
 
 from ..conftest import CONSENT_GRANT, ISSUER, ISSUER_KEY, consent_config
-from ..local_engine import astronaut
+from ..local_engine import astronaut, portrait_file
 from .harness import FAST_RETRY, VendorHarness
 
 __all__ = ["EngineProxy", "LocalEngineHarness", "ProxiedSession"]
@@ -398,8 +397,7 @@ class LocalEngineHarness(VendorHarness):
         if self._media is None:
             folder = Path(tempfile.mkdtemp(prefix="avatarkit-contract-local-"))
             atexit.register(shutil.rmtree, folder, ignore_errors=True)
-            portrait = folder / "amelia.png"
-            Image.fromarray(astronaut()).save(portrait)
+            portrait = portrait_file(folder)
             cache = folder / "cache"
             engine = await asyncio.to_thread(build_engine, "lite", portrait, cache_dir=cache)
             assert isinstance(engine, LiteEngine)

@@ -22,6 +22,15 @@ def astronaut() -> NDArray[np.uint8]:
                                 dtype=np.uint8)
 
 
+def portrait_file(directory: Path, name: str = "amelia.png") -> Path:
+    """The astronaut portrait saved as an avatar image file in ``directory``."""
+    from PIL import Image
+
+    path = directory / name
+    Image.fromarray(astronaut()).save(path)
+    return path
+
+
 def shifted(image: NDArray[np.uint8], dx: float, dy: float) -> NDArray[np.uint8]:
     """``image`` translated by a sub-pixel ``(dx, dy)``, borders reflected."""
     matrix = np.array([[1.0, 0.0, dx], [0.0, 1.0, dy]], dtype=np.float32)

@@ -21,7 +21,7 @@ from avatarkit.disclosure.verify import verify_media
 from avatarkit.errors import ConsentOutOfScope, MediaFormatError, NoFaceError
 from avatarkit.local_engine.render import read_speech, render_video
 
-from . import astronaut, shifted, write_video
+from . import astronaut, portrait_file, shifted, write_video
 
 RATE = 16_000
 
@@ -40,9 +40,7 @@ def write_wav(path: Path, seconds: float, *, rate: int = RATE) -> Path:
 
 @pytest.fixture(scope="module")
 def portrait(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("media") / "amelia.png"
-    Image.fromarray(astronaut()).save(path)
-    return path
+    return portrait_file(tmp_path_factory.mktemp("media"))
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,7 @@ from avatarkit.local_engine.protocol import (
 from avatarkit.local_engine.server import LATENCY_BUCKETS, EngineServer
 
 from ..conftest import AUDIENCE, ISSUER, consent_config, grant_fields, speech
-from . import astronaut
+from . import astronaut, portrait_file
 
 RATE = 16_000
 FRAMES = 50  # received over WHEP: 2 s at 25 fps
@@ -63,8 +63,7 @@ KEY = "srv-key-4f1d0b9a7e"
 def media(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The astronaut as an avatar file, and a cache with it prepared (once per module)."""
     folder = tmp_path_factory.mktemp("serve")
-    path = folder / "amelia.png"
-    Image.fromarray(astronaut()).save(path)
+    path = portrait_file(folder)
     cache = folder / "cache"
     build_engine("lite", path, cache_dir=cache)
     return path, cache

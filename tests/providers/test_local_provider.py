@@ -25,14 +25,12 @@ from avatarkit.providers.local import LocalProvider
 from avatarkit.routing.router import RouteDecision
 
 from ..conftest import CONSENT, consent_config, next_event, sdk_tasks, send_speech
-from ..local_engine import astronaut
+from ..local_engine import astronaut, portrait_file
 
 
 @pytest.fixture(scope="module")
 def portrait(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("avatars") / "amelia.png"
-    Image.fromarray(astronaut()).save(path)
-    return path
+    return portrait_file(tmp_path_factory.mktemp("avatars"))
 
 
 @pytest.fixture(scope="module")

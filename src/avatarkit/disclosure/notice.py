@@ -9,17 +9,41 @@ exactly what was signed.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 import jwt
 
 from ..consent.keys import IssuerKey, KeySet
-from ..errors import ConsentCheck, InvalidConsentToken
+from ..errors import ConfigError, ConsentCheck, InvalidConsentToken
 from .metadata import DisclosureMetadata
 
-__all__ = ["DISCLOSURE_NOTICE_TYPE", "sign_disclosure_notice", "verify_disclosure_notice"]
+logger = logging.getLogger("avatarkit.disclosure")
+
+__all__ = ["DISCLOSURE_NOTICE_TYPE", "load_notice_key", "sign_disclosure_notice",
+           "verify_disclosure_notice"]
 
 DISCLOSURE_NOTICE_TYPE = "avk-disclosure+jwt"
+
+
+def load_notice_key(path: Path | None, *, generated_note: str | None = None) -> IssuerKey:
+    """The key that signs disclosure notices: ``[disclosure] notice_key``, or one made now
+    when none is configured (``generated_note`` is then logged, saying where viewers get its
+    public key).
+
+    Raises ``ConfigError(field="disclosure.notice_key")`` when the file does not exist.
+    """
+    if path is None:
+        if generated_note is not None:
+            logger.info("no [disclosure] notice_key: disclosure notices are signed with a key "
+                        "made for this %s", generated_note)
+        return IssuerKey.generate()
+    try:
+        return IssuerKey.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"notice key file not found: {path}",
+                          field="disclosure.notice_key") from None
 
 
 def sign_disclosure_notice(metadata: DisclosureMetadata, key: IssuerKey) -> str:

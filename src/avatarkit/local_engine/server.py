@@ -121,7 +121,6 @@ if TYPE_CHECKING:
     import httpx
 
     from ..consent.enforce import ConsentGate
-    from ..consent.keys import IssuerKey
     from ..consent.status import StatusListSource
     from ..consent.store import ConsentStore
     from ..consent.tokens import VerifiedConsent
@@ -346,7 +345,11 @@ class EngineServer:
         self._status_source = status_source
         self._consent_store = consent_store
         self.catalog = Catalog.from_config(config.avatars)
-        self._notice_key = self._load_notice_key()
+        from ..disclosure.notice import load_notice_key
+
+        self._notice_key = load_notice_key(
+            config.disclosure.notice_key,
+            generated_note="server; viewers get its public key with the notice")
         self._gate: ConsentGate | None = None
         self._http: httpx.AsyncClient | None = None
         self._whep: WhepEndpoint | None = None
@@ -398,20 +401,6 @@ class EngineServer:
         from ..consent.keys import KeySet
 
         return KeySet.of(self._notice_key).to_jwks()
-
-    def _load_notice_key(self) -> IssuerKey:
-        from ..consent.keys import IssuerKey
-
-        path = self.config.disclosure.notice_key
-        if path is None:
-            logger.info("no [disclosure] notice_key: disclosure notices are signed with a key "
-                        "made for this server; viewers get its public key with the notice")
-            return IssuerKey.generate()
-        try:
-            return IssuerKey.load(path)
-        except FileNotFoundError:
-            raise ConfigError(f"notice key file not found: {path}",
-                              field="disclosure.notice_key") from None
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from ..disclosure.label_config import LabelConfig
 from ..disclosure.metadata import DisclosureMetadata
-from ..errors import CapabilityError, ErrorCategory, ProviderError
+from ..errors import CapabilityError, ErrorCategory, ProviderConnectionError, ProviderError
 from ..join import JoinInfo, JoinKind
 from ..media import AudioChunk, AudioFormat, VideoFrame
 from ._http import RetryPolicy
@@ -297,6 +297,19 @@ class ProviderSession(ABC):
 
     def _emit(self, signal: ProviderSignal) -> None:
         self._signals.put_nowait(signal)
+
+    def _channel_lost(self, what: str, error: ProviderConnectionError | None = None) -> None:
+        """Report that the realtime channel ``what`` died (``error``) or closed without the
+        vendor ending the session (``None``; nothing is reported after a vendor-side end).
+        Billing may still run at the vendor: the close path ends the session there."""
+        if error is None:
+            if self.billing_ended_at is not None:
+                return
+            error = ProviderConnectionError(f"{what} closed", provider=self.provider)
+            reason = f"{what} closed"
+        else:
+            reason = f"{what} dropped"
+        self._emit(VendorSessionEnded(reason=reason, billing_stopped=False, error=error))
 
     def _vendor_stopped_billing(self) -> None:
         if self.billing_ended_at is None:

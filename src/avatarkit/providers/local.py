@@ -406,14 +406,10 @@ class RemoteSession(ProviderSession):
                     return
         except ProviderConnectionError as exc:
             if not self._closing:
-                self._emit(VendorSessionEnded(reason="engine audio socket dropped",
-                                              billing_stopped=False, error=exc))
+                self._channel_lost("engine audio socket", exc)
             return
-        if not self._closing and self.billing_ended_at is None:
-            self._emit(VendorSessionEnded(
-                reason="engine audio socket closed", billing_stopped=False,
-                error=ProviderConnectionError("engine audio socket closed",
-                                              provider=self.provider)))
+        if not self._closing:
+            self._channel_lost("engine audio socket")
 
     async def video_frames(self) -> AsyncIterator[VideoFrame]:
         from ..transport.webrtc import WhepClient

@@ -314,14 +314,10 @@ class TavusSession(ProviderSession):
                 self._on_message(message)
         except ProviderConnectionError as exc:
             if not self._closing:
-                self._emit(VendorSessionEnded(reason="app-message channel dropped",
-                                              billing_stopped=False, error=exc))
+                self._channel_lost("app-message channel", exc)
             return
-        if not self._closing and self.billing_ended_at is None:
-            self._emit(VendorSessionEnded(
-                reason="app-message channel closed", billing_stopped=False,
-                error=ProviderConnectionError("app-message channel closed",
-                                              provider=self.provider)))
+        if not self._closing:
+            self._channel_lost("app-message channel")
 
     def _on_message(self, message: dict[str, Any]) -> None:
         event = message.get("event_type")

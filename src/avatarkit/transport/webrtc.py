@@ -61,7 +61,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 from urllib.parse import urljoin
 
 import av
@@ -182,6 +182,23 @@ class _ViewerQueue:
         self.audio_wake.set()
 
 
+_Item = TypeVar("_Item")
+
+
+async def _next_item(track: MediaStreamTrack, queue: _ViewerQueue, items: deque[_Item],
+                     wake: asyncio.Event) -> _Item:
+    """The next queued item of one of a viewer's tracks; ``MediaStreamError`` (which ends
+    the track for aiortc) once the viewer's queue closed or the track stopped."""
+    while not items:
+        if queue.closed or track.readyState != "live":
+            raise MediaStreamError
+        wake.clear()
+        await wake.wait()
+    if queue.closed or track.readyState != "live":
+        raise MediaStreamError
+    return items.popleft()
+
+
 class _VideoTrack(MediaStreamTrack):
     kind = "video"
 
@@ -190,15 +207,8 @@ class _VideoTrack(MediaStreamTrack):
         self._queue = queue
 
     async def recv(self) -> av.VideoFrame:
-        queue = self._queue
-        while not queue.video:
-            if queue.closed or self.readyState != "live":
-                raise MediaStreamError
-            queue.video_wake.clear()
-            await queue.video_wake.wait()
-        if queue.closed or self.readyState != "live":
-            raise MediaStreamError
-        _, pts, data = queue.video.popleft()
+        _, pts, data = await _next_item(self, self._queue, self._queue.video,
+                                        self._queue.video_wake)
         frame = av.VideoFrame.from_ndarray(data, format="rgb24")
         frame.pts = pts
         frame.time_base = _VIDEO_TIME_BASE
@@ -219,14 +229,7 @@ class _AudioTrack(MediaStreamTrack):
 
     async def recv(self) -> av.AudioFrame:
         queue = self._queue
-        while not queue.audio:
-            if queue.closed or self.readyState != "live":
-                raise MediaStreamError
-            queue.audio_wake.clear()
-            await queue.audio_wake.wait()
-        if queue.closed or self.readyState != "live":
-            raise MediaStreamError
-        _, pts, samples = queue.audio.popleft()
+        _, pts, samples = await _next_item(self, queue, queue.audio, queue.audio_wake)
         frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = queue.sample_rate
         frame.pts = pts
