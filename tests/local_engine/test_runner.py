@@ -35,14 +35,25 @@ class LevelEngine(LipSyncEngine):
         self.source_frames = source_frames
         self.calls: list[tuple[int, bool, int]] = []  # (source index, speaking, batch size)
         self.resets = 0
+        self.lookahead_wanted = 0
+        #: (segment ids, lookahead) per call
+        self.lookaheads: list[tuple[list[str | None], NDArray[np.int16] | None]] = []
 
     def render(self, audio: NDArray[np.int16], *, source_index: int,
                speaking: bool) -> NDArray[np.uint8]:
         return self.render_batch([audio], source_indices=[source_index], speaking=[speaking])[0]
 
+    @property
+    def lookahead_samples(self) -> int:
+        return self.lookahead_wanted
+
     def render_batch(self, audio: Sequence[NDArray[np.int16]], *,
-                     source_indices: Sequence[int],
-                     speaking: Sequence[bool]) -> list[NDArray[np.uint8]]:
+                     source_indices: Sequence[int], speaking: Sequence[bool],
+                     segment_ids: Sequence[str | None] | None = None,
+                     lookahead: NDArray[np.int16] | None = None) -> list[NDArray[np.uint8]]:
+        assert segment_ids is not None and len(segment_ids) == len(audio)
+        assert [s is not None for s in segment_ids] == list(speaking)
+        self.lookaheads.append((list(segment_ids), lookahead))
         out = []
         for a, index, talking in zip(audio, source_indices, speaking, strict=True):
             assert len(a) == SPF and a.dtype == np.int16
@@ -190,13 +201,16 @@ async def test_clear_buffer_while_the_last_frame_is_drawn_still_ends_that_segmen
 
     class SlowEngine(LevelEngine):
         def render_batch(self, audio: Sequence[NDArray[np.int16]], *,
-                         source_indices: Sequence[int],
-                         speaking: Sequence[bool]) -> list[NDArray[np.uint8]]:
+                         source_indices: Sequence[int], speaking: Sequence[bool],
+                         segment_ids: Sequence[str | None] | None = None,
+                         lookahead: NDArray[np.int16] | None = None,
+                         ) -> list[NDArray[np.uint8]]:
             if any(speaking):
                 drawing.set()
                 release.wait(5)
             return super().render_batch(audio, source_indices=source_indices,
-                                        speaking=speaking)
+                                        speaking=speaking, segment_ids=segment_ids,
+                                        lookahead=lookahead)
 
     async with AvatarRunner(SlowEngine()) as runner:
         await runner.push_audio(tone(SPF / RATE), segment_id="short")  # exactly one frame
@@ -277,6 +291,29 @@ async def test_batches_give_the_same_frames_and_post_runs_on_each() -> None:
             assert a.video.data[0, 0, 0] == 7
         else:
             assert a == b
+
+
+async def test_a_looking_ahead_engine_gets_the_audio_buffered_after_each_batch() -> None:
+    engine = LevelEngine()
+    engine.lookahead_wanted = 2 * SPF
+    speech = tone(0.5).samples  # 12.5 frames
+    async with AvatarRunner(engine, realtime=False, batch_size=4) as runner:
+        await runner.push_audio(AudioChunk(speech, RATE), segment_id="u")
+        await runner.push_audio(tone(0.1), segment_id="v")  # ends "u"
+        runner.finish()
+        await collect(runner)
+    calls = engine.lookaheads
+    assert [ids for ids, _ in calls] == [["u"] * 4, ["u"] * 4, ["u"] * 4, ["u", "v", "v", "v"]]
+    # after the first two batches of "u": exactly the next two frames' samples, unconsumed
+    for k in (0, 1):
+        ahead = calls[k][1]
+        assert ahead is not None
+        start = (k + 1) * 4 * SPF
+        assert np.array_equal(ahead, speech[start:start + 2 * SPF])
+    # then only half a frame of "u" is left; the last batch's "v" has nothing after it
+    tail = calls[2][1]
+    assert tail is not None and np.array_equal(tail, speech[12 * SPF:])
+    assert calls[3][1] is None
 
 
 async def test_close_stops_frames_and_releases_the_worker_thread() -> None:

@@ -56,9 +56,26 @@ class LipSyncEngine(ABC):
         silence) and an engine should skip its model entirely.
         """
 
+    #: frames per engine call the engine works best with (the runner's default batch size)
+    preferred_batch_size: int = 1
+
+    @property
+    def lookahead_samples(self) -> int:
+        """Audio after a frame's own samples that the engine wants to see to draw it (its
+        model looks ahead); the runner passes what it has buffered as ``lookahead``."""
+        return 0
+
     def render_batch(self, audio: Sequence[Audio], *, source_indices: Sequence[int],
-                     speaking: Sequence[bool]) -> list[Frame]:
-        """Several consecutive frames at once; batched engines (MuseTalk) override this."""
+                     speaking: Sequence[bool], segment_ids: Sequence[str | None] | None = None,
+                     lookahead: Audio | None = None) -> list[Frame]:
+        """Several consecutive frames at once; batched engines (MuseTalk) override this.
+
+        ``segment_ids`` names each frame's utterance (None for idle frames): an engine with
+        audio context starts afresh where it changes. ``lookahead`` is audio already buffered
+        after the last frame, in that frame's utterance (up to :attr:`lookahead_samples`;
+        shorter or None when no more is known yet).
+        """
+        del segment_ids, lookahead  # per-frame engines draw each frame from its own audio
         return [self.render(a, source_index=i, speaking=s)
                 for a, i, s in zip(audio, source_indices, speaking, strict=True)]
 
@@ -67,4 +84,8 @@ class LipSyncEngine(ABC):
         waits for is as fast as the rest. Called once when the engine is built."""
 
     def reset(self) -> None:  # noqa: B027  (optional hook, not abstract)
-        """Forget mouth-model state (after an interrupt the next frame starts from rest)."""
+        """Forget mouth-model state (after an interrupt the next frame starts from rest).
+
+        Called from the event loop while a batch may be drawing in the runner's worker
+        thread: an engine with state should only mark it stale here and drop it at the start
+        of its next draw."""

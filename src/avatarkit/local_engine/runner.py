@@ -90,6 +90,17 @@ class _Segment:
     played: int = 0  # samples drawn into frames
     ended: bool = False
 
+    def peek(self, count: int) -> NDArray[np.int16]:
+        """Up to ``count`` buffered samples, without taking them."""
+        parts: list[NDArray[np.int16]] = []
+        need = count
+        for chunk in self.chunks:
+            if need <= 0:
+                break
+            parts.append(chunk[:need])
+            need -= len(parts[-1])
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
+
     def take(self, count: int) -> NDArray[np.int16]:
         """Up to ``count`` samples, zero-padded to ``count``."""
         out = np.zeros(count, dtype=np.int16)
@@ -277,14 +288,14 @@ class AvatarRunner:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                audio, segments, ends = plan
+                audio, segments, ends, lookahead = plan
                 if not audio:
                     continue  # only segment ends: yielded at the top of the loop
                 epoch = self._epoch
                 indices = [self._source_index(self._index + k) for k in range(len(audio))]
                 speaking = [s is not None for s in segments]
                 pictures = await loop.run_in_executor(
-                    self._executor, self._draw, audio, indices, speaking)
+                    self._executor, self._draw, audio, indices, speaking, segments, lookahead)
                 if epoch != self._epoch:
                     continue  # cleared while drawing: these frames are stale
                 for k, picture in enumerate(pictures):
@@ -308,7 +319,7 @@ class AvatarRunner:
             self._iterating = False
 
     def _plan(self) -> tuple[list[NDArray[np.int16]], list[str | None],
-                             list[SegmentEnd | None]] | None:
+                             list[SegmentEnd | None], NDArray[np.int16] | None] | None:
         """The next frames to draw (a batch of speaking frames, or one idle frame), or None
         when an offline runner must wait for input."""
         audio: list[NDArray[np.int16]] = []
@@ -332,16 +343,26 @@ class AvatarRunner:
             else:
                 break  # waiting for more of the open segment
         if audio:
-            return audio, segments, ends
+            return audio, segments, ends, self._lookahead(segments[-1])
         if self._outbox:
-            return [], [], []
+            return [], [], [], None
         if not self.realtime:
             return None
-        return [np.zeros(self._spf, dtype=np.int16)], [None], [None]
+        return [np.zeros(self._spf, dtype=np.int16)], [None], [None], None
 
-    def _draw(self, audio: list[NDArray[np.int16]], indices: list[int],
-              speaking: list[bool]) -> list[Frame]:
-        pictures = self.engine.render_batch(audio, source_indices=indices, speaking=speaking)
+    def _lookahead(self, segment_id: str | None) -> NDArray[np.int16] | None:
+        """The audio buffered after the planned frames in their last segment (what the
+        engine may look ahead at); None when that segment has nothing more buffered."""
+        want = self.engine.lookahead_samples
+        if want <= 0 or not self._segments or self._segments[0].segment_id != segment_id:
+            return None
+        ahead = self._segments[0].peek(want)
+        return ahead if len(ahead) else None
+
+    def _draw(self, audio: list[NDArray[np.int16]], indices: list[int], speaking: list[bool],
+              segments: list[str | None], lookahead: NDArray[np.int16] | None) -> list[Frame]:
+        pictures = self.engine.render_batch(audio, source_indices=indices, speaking=speaking,
+                                            segment_ids=segments, lookahead=lookahead)
         if self._post is not None:
             for picture in pictures:
                 self._post(picture)
