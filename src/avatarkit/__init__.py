@@ -50,6 +50,7 @@ from .errors import (
     ResidencyViolation,
     ServerError,
     SessionStateError,
+    WeightsError,
 )
 from .events import (
     BudgetWarning,
@@ -137,6 +138,7 @@ __all__ = [
     "SessionStarted",
     "SessionState",
     "SessionStateError",
+    "WeightsError",
     "SpeechEnded",
     "SpeechStarted",
     "UsageUpdated",

@@ -14,6 +14,8 @@
                      | --demo-consent)   offline lip-sync into a labelled, signed MP4
     avatarkit serve --config F [--host H] [--port P] [--api-key env:VAR]
                                        the self-hosted engine server (sessions, WHEP, viewer)
+    avatarkit weights check DIR [--version auto|v1.0|v1.5] [--json]
+                                       check a MuseTalk weights folder (keys, shapes, dtypes)
 """
 
 from __future__ import annotations
@@ -94,11 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     from .disclosure._cli import add_disclosure_parsers
     from .local_engine._render_cli import add_render_parser
     from .local_engine._serve_cli import add_serve_parser
+    from .local_engine._weights_cli import add_weights_parser
 
     add_consent_parser(sub)
     add_disclosure_parsers(sub)
     add_render_parser(sub)
     add_serve_parser(sub)
+    add_weights_parser(sub)
     return parser
 
 
@@ -178,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .local_engine._serve_cli import run_serve
 
             return run_serve(args)
+        if args.command == "weights":
+            from .local_engine._weights_cli import run_weights
+
+            return run_weights(args)
     except AvatarKitError as exc:
         print(f"avatarkit: error: {exc}", file=sys.stderr)
         return 2

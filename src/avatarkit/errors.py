@@ -4,6 +4,8 @@ Every error the SDK raises derives from :class:`AvatarKitError`::
 
     AvatarKitError
     ├── ConfigError                 bad or missing configuration (names the field)
+    │   └── WeightsError            unusable model weights (``file``, ``missing``,
+    │                               ``unexpected``, ``mismatched`` keys)
     ├── MediaFormatError            audio/video input that cannot be used (names the field)
     ├── SessionStateError           an operation not allowed in the session's current state
     ├── CapabilityError             the chosen provider cannot do this (e.g. no in-process video)
@@ -83,6 +85,7 @@ __all__ = [
     "MediaReadError",
     "NoFaceError",
     "FaceTooSmallError",
+    "WeightsError",
 ]
 
 
@@ -412,3 +415,22 @@ class FaceTooSmallError(AvatarPreparationError):
         self.size = size
         self.min_size = min_size
         super().__init__(message, source=source)
+
+
+class WeightsError(ConfigError):
+    """A model weights folder or file cannot be used (``avatarkit weights check DIR``).
+
+    ``file`` is the offending path (the folder itself when a file is missing). For a checkpoint
+    that does not fit the network: ``missing`` (keys the network needs that the file lacks),
+    ``unexpected`` (keys the file has that the network does not know) and ``mismatched``
+    (``"key: expected [..], got [..]"``), each sorted; empty when not the problem.
+    """
+
+    def __init__(self, message: str, *, file: str, missing: Sequence[str] = (),
+                 unexpected: Sequence[str] = (), mismatched: Sequence[str] = (),
+                 field: str | None = "weights") -> None:
+        self.file = file
+        self.missing = tuple(missing)
+        self.unexpected = tuple(unexpected)
+        self.mismatched = tuple(mismatched)
+        super().__init__(message, field=field)
