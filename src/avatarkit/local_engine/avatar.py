@@ -39,7 +39,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +60,8 @@ __all__ = [
     "cache_key",
     "default_cache_dir",
     "prepare_avatar",
+    "read_cache_npz",
+    "write_atomic",
 ]
 
 #: Bumped whenever preparation output changes for the same input and options.
@@ -235,20 +237,28 @@ def cache_key(content_hash: str, options: PrepareOptions, engine_version: str) -
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
+def read_cache_npz(path: Path, key: str,
+                   names: Sequence[str]) -> tuple[dict[str, Any], dict[str, NDArray[Any]]]:
+    """The JSON ``meta`` entry and the arrays ``names`` of a cache archive written by this
+    package (``np.load`` without pickles); ValueError when it is not one or its key is not
+    ``key``."""
+    with path.open("rb") as handle:
+        loaded = np.load(handle, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        with loaded as data:
+            meta = json.loads(str(data["meta"][()]))
+            if not isinstance(meta, dict) or meta.get("key") != key:
+                raise ValueError("the file's key does not match its name")
+            return meta, {name: np.asarray(data[name]) for name in names}
+
+
 def _load_cached(path: Path, key: str, source: str) -> PreparedAvatar | None:
     if not path.exists():
         return None
     try:
-        with path.open("rb") as handle:
-            loaded = np.load(handle, allow_pickle=False)
-            if not isinstance(loaded, np.lib.npyio.NpzFile):
-                raise ValueError("not an .npz archive")
-            with loaded as data:
-                meta = json.loads(str(data["meta"][()]))
-                if not isinstance(meta, dict) or meta.get("key") != key:
-                    raise ValueError("the file's key does not match its name")
-                arrays = {name: np.asarray(data[name]) for name in _ARRAY_FIELDS}
-                indices = {name: tuple(int(i) for i in data[name]) for name in _INDEX_FIELDS}
+        meta, arrays = read_cache_npz(path, key, (*_ARRAY_FIELDS, *_INDEX_FIELDS))
+        indices = {name: tuple(int(i) for i in arrays[name]) for name in _INDEX_FIELDS}
         return PreparedAvatar(
             frames=arrays["frames"], fps=float(meta["fps"]), landmarks=arrays["landmarks"],
             raw_landmarks=arrays["raw_landmarks"], boxes=arrays["boxes"],
@@ -264,7 +274,9 @@ def _load_cached(path: Path, key: str, source: str) -> PreparedAvatar | None:
         return None
 
 
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
+def write_atomic(path: Path, write: Callable[[Any], None]) -> None:
+    """Write ``path`` through ``write(handle)`` into a temporary file beside it, fsync, then
+    move it into place: readers see the old file or the whole new one, never a part."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -302,10 +314,10 @@ def _store(avatar: PreparedAvatar, directory: Path, options: PrepareOptions) -> 
     arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(directory / f"{avatar.cache_key}.npz",
+        write_atomic(directory / f"{avatar.cache_key}.npz",
                       lambda handle: np.savez(handle, allow_pickle=False, **arrays))
         text = json.dumps(meta, indent=2, sort_keys=True).encode("utf-8")
-        _write_atomic(directory / f"{avatar.cache_key}.json", lambda handle: handle.write(text))
+        write_atomic(directory / f"{avatar.cache_key}.json", lambda handle: handle.write(text))
     except OSError as exc:
         logger.warning("could not write the avatar cache in %s (%s); continuing without it",
                        directory, exc)
