@@ -6,6 +6,7 @@ one face of about 100 px) and encoded with PyAV.
 
 from __future__ import annotations
 
+import wave
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -56,4 +57,17 @@ def write_video(path: Path, frames: Sequence[NDArray[np.uint8]], *, fps: int = 2
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    return path
+
+
+def write_wav(path: Path, seconds: float, *, rate: int = 16_000) -> Path:
+    """Syllable-like speech (a buzzy 160 Hz voice, 3 bursts a second) as a mono PCM16 WAV."""
+    t = np.arange(round(seconds * rate)) / rate
+    envelope = np.clip(np.sin(2 * np.pi * 3 * t), 0, None)
+    tone = 0.5 * envelope * np.sin(2 * np.pi * 160 * t) * (1 + 0.5 * np.sin(2 * np.pi * 900 * t))
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes((tone * 32767).astype(np.int16).tobytes())
     return path

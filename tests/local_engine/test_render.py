@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import wave
 from pathlib import Path
 
 import av
@@ -21,21 +20,9 @@ from avatarkit.disclosure.verify import verify_media
 from avatarkit.errors import ConsentOutOfScope, MediaFormatError, NoFaceError
 from avatarkit.local_engine.render import read_speech, render_video
 
-from . import astronaut, portrait_file, shifted, write_video
+from . import astronaut, portrait_file, shifted, write_video, write_wav
 
 RATE = 16_000
-
-
-def write_wav(path: Path, seconds: float, *, rate: int = RATE) -> Path:
-    t = np.arange(round(seconds * rate)) / rate
-    envelope = np.clip(np.sin(2 * np.pi * 3 * t), 0, None)
-    tone = 0.5 * envelope * np.sin(2 * np.pi * 160 * t) * (1 + 0.5 * np.sin(2 * np.pi * 900 * t))
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes((tone * 32767).astype(np.int16).tobytes())
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +168,7 @@ def test_the_cli_renders_with_a_demo_consent_and_verify_agrees(
     (["--consent", "a.b.c"], "--config"),
     (["--consent", "env:AVATARKIT_TEST_NO_SUCH_VAR", "--config", "{config}",
       "--purpose", "x"], "AVATARKIT_TEST_NO_SUCH_VAR"),
-    (["--demo-consent", "--engine", "musetalk"], "musetalk"),
+    (["--demo-consent", "--engine", "musetalk"], "--weights"),
 ])
 def test_cli_errors_are_clear(portrait: Path, speech_file: Path, tmp_path: Path,
                               capsys: pytest.CaptureFixture[str], extra: list[str],

@@ -3,6 +3,7 @@
     avatarkit render --avatar IMG|VIDEO --audio SPEECH --out OUT.mp4
                      (--consent TOKEN --config avatarkit.toml | --demo-consent)
                      [--purpose P] [--engine auto|lite|musetalk] [--weights DIR]
+                     [--device D] [--precision P] [--backend torch|onnx] [--batch-size N]
                      [--credentials DIR] [--fps N] [--overwrite] [--json]
 
 ``--consent`` takes the token itself, ``@FILE`` or ``env:VAR``; the config's ``[consent]``
@@ -27,7 +28,26 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["add_render_parser", "read_secret_arg", "run_render"]
+__all__ = ["add_musetalk_arguments", "add_render_parser", "musetalk_options", "read_secret_arg",
+           "run_render"]
+
+
+def add_musetalk_arguments(parser: argparse.ArgumentParser) -> None:
+    """The MuseTalk engine's options as flags (``render`` and ``serve``)."""
+    parser.add_argument("--device", help="MuseTalk: auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"),
+                        help="MuseTalk: default fp16 on CUDA, fp32 on CPU")
+    parser.add_argument("--backend", choices=("torch", "onnx"), help="MuseTalk: torch "
+                        "(default) or ONNX Runtime")
+    parser.add_argument("--batch-size", type=int, metavar="N",
+                        help="MuseTalk: frames per network call (default 8)")
+
+
+def musetalk_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The MuseTalk options given on the command line (the rest keep their defaults)."""
+    given = (("device", args.device), ("precision", args.precision),
+             ("backend", args.backend), ("batch_size", args.batch_size))
+    return {key: value for key, value in given if value is not None}
 
 
 def add_render_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -49,7 +69,10 @@ def add_render_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     render.add_argument("--avatar-name", help="the avatar's name in the consent (default: "
                         "the config's avatar whose local media this is, else the file stem)")
     render.add_argument("--engine", default="auto", choices=("auto", "lite", "musetalk"))
-    render.add_argument("--weights", type=Path, metavar="DIR", help="MuseTalk weights")
+    render.add_argument("--weights", type=Path, metavar="DIR",
+                        help="MuseTalk weights folder (official layout; avatarkit weights "
+                             "check DIR)")
+    add_musetalk_arguments(render)
     render.add_argument("--credentials", type=Path, metavar="DIR",
                         help="C2PA signing credentials (avatarkit disclosure keygen)")
     render.add_argument("--unsigned", action="store_true",
@@ -102,6 +125,7 @@ async def _render(args: argparse.Namespace) -> int:
                           field="credentials")
     common: dict[str, Any] = dict(
         avatar=media, audio=args.audio, out=args.out, engine=args.engine, weights=args.weights,
+        musetalk=musetalk_options(args),
         credentials=credentials, label=label, fps=args.fps, overwrite=args.overwrite,
         avatar_name=avatar_name, progress=not args.json)
     result: RenderResult

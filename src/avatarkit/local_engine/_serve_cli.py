@@ -2,6 +2,7 @@
 
     avatarkit serve --config avatarkit.toml [--host 127.0.0.1] [--port 8080]
                     [--engine auto|lite|musetalk] [--weights DIR]
+                    [--device D] [--precision P] [--backend torch|onnx] [--batch-size N]
                     [--api-key env:VAR | --api-key-env VAR] [--max-sessions N]
                     [--region LABEL] [--cache-dir DIR] [--idle-timeout SECONDS]
 
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import AvatarKitError, ConfigError
+from ._render_cli import add_musetalk_arguments, musetalk_options
 
 if TYPE_CHECKING:
     from .server import EngineServer
@@ -51,6 +53,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                         help="which engine renders (default auto: MuseTalk when --weights "
                              "are given and available, else lite)")
     parser.add_argument("--weights", metavar="DIR", help="MuseTalk weights directory")
+    add_musetalk_arguments(parser)
     key = parser.add_mutually_exclusive_group()
     key.add_argument("--api-key", metavar="env:VAR",
                      help="the bearer key clients must send, as env:VAR (a literal key "
@@ -114,7 +117,8 @@ def build_server(args: argparse.Namespace) -> EngineServer:
                           field="config")
     config = KitConfig.from_toml(args.config)
     return EngineServer(config, host=args.host, port=args.port, engine=args.engine,
-                        weights=args.weights, api_key=_api_key(args),
+                        weights=args.weights, musetalk=musetalk_options(args),
+                        api_key=_api_key(args),
                         max_sessions=args.max_sessions, region=args.region,
                         cache_dir=args.cache_dir, idle_timeout_s=args.idle_timeout,
                         avatar_dir=Path(args.config).resolve().parent)

@@ -83,6 +83,10 @@ class LipSyncEngine(ABC):
         """Do one-time work (caches, lazy imports, kernels) now, so the first frame a viewer
         waits for is as fast as the rest. Called once when the engine is built."""
 
+    def close(self) -> None:  # noqa: B027  (optional hook, not abstract)
+        """Release what the engine holds beyond memory (runtime sessions). Idempotent; called
+        by :class:`~avatarkit.local_engine.stream.EngineStream` once its runner stopped."""
+
     def reset(self) -> None:  # noqa: B027  (optional hook, not abstract)
         """Forget mouth-model state (after an interrupt the next frame starts from rest).
 

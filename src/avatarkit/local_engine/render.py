@@ -18,9 +18,10 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -134,6 +135,7 @@ async def render_video(
     consent_subject: str | None = None,
     engine: str = "auto",
     weights: str | os.PathLike[str] | None = None,
+    musetalk: Mapping[str, Any] | None = None,
     credentials: SigningCredentials | None,
     store: ConsentStore | None = None,
     label: LabelConfig | None = None,
@@ -152,12 +154,14 @@ async def render_video(
     ``self-hosted``; a refusal raises the :class:`~avatarkit.errors.ConsentViolation`
     subclass before anything is rendered. ``credentials`` signs the C2PA manifest (``None``
     writes an unsigned file, with a warning). ``store`` receives the generation-log entry
-    (default: the gate's consent store).
+    (default: the gate's consent store). ``engine``, ``weights`` and ``musetalk`` (the
+    MuseTalk engine's options) choose the engine as :func:`.engines.build_engine` does.
 
     Raises:
         ConsentViolation: the token is invalid, revoked, or does not cover this render.
         ConfigError: an unknown or unavailable engine, an existing ``out`` without
             ``overwrite``.
+        WeightsError: an unusable MuseTalk weights folder.
         MediaReadError, NoFaceError, FaceTooSmallError: unusable avatar media.
         MediaFormatError: unusable audio.
     """
@@ -176,11 +180,11 @@ async def render_video(
     choice = choose_engine(engine, weights=weights)
     lip_sync = await asyncio.to_thread(build_engine, choice.name, media, fps=fps,
                                        cache_dir=cache_dir, weights=weights,
-                                       progress=progress)
+                                       musetalk=musetalk, progress=progress)
     if not float(lip_sync.fps).is_integer():  # an MP4 at 29.97: round to whole frames
         lip_sync = await asyncio.to_thread(build_engine, choice.name, media,
                                            fps=round(lip_sync.fps), cache_dir=cache_dir,
-                                           weights=weights)
+                                           weights=weights, musetalk=musetalk)
     label = label if label is not None else LabelConfig()
     disclosure = DisclosureMetadata(
         generation_id=generation, provider="local", model=f"avatarkit-{choice.name}",
@@ -192,7 +196,8 @@ async def render_video(
 
     width, height = lip_sync.width - lip_sync.width % 2, lip_sync.height - lip_sync.height % 2
     total = max(1, math.ceil(seconds * lip_sync.fps))
-    runner = AvatarRunner(lip_sync, realtime=False, max_buffered_s=seconds + 5)
+    runner = AvatarRunner(lip_sync, realtime=False, max_buffered_s=seconds + 5,
+                          batch_size=lip_sync.preferred_batch_size)
     recorder = DisclosedRecorder(
         out, width=width, height=height, fps=round(lip_sync.fps),
         audio_sample_rate=lip_sync.sample_rate, disclosure=disclosure, label=label,

@@ -292,7 +292,8 @@ class EngineServer:
         host, port: where to listen (port 0 picks a free one). A host other than loopback
             needs ``api_key``.
         engine: ``auto``, ``lite`` or ``musetalk`` (:func:`~avatarkit.local_engine.engines.
-            choose_engine`); ``weights`` the MuseTalk weights directory.
+            choose_engine`); ``weights`` the MuseTalk weights directory, ``musetalk`` the
+            MuseTalk engine's options (device, precision, backend, batch size).
         api_key: the bearer key of every ``/v1`` route and ``/metrics``.
         max_sessions: sessions rendered at once; more are refused with 503.
         region: the region label consent grants are checked against (``regions = [...]``).
@@ -305,6 +306,7 @@ class EngineServer:
 
     def __init__(self, config: KitConfig, *, host: str = "127.0.0.1", port: int = 0,
                  engine: str = "auto", weights: str | None = None,
+                 musetalk: Mapping[str, Any] | None = None,
                  api_key: SecretStr | str | None = None, max_sessions: int = 4,
                  region: str | None = None, cache_dir: str | None = None,
                  status_source: StatusListSource | None = None,
@@ -340,6 +342,7 @@ class EngineServer:
         self.idle_timeout_s = float(idle_timeout_s)
         self._key: str | None = key
         self._weights = weights
+        self._musetalk = dict(musetalk or {})
         self._cache_dir = cache_dir
         self._avatar_dir = Path(avatar_dir) if avatar_dir is not None else None
         self._status_source = status_source
@@ -737,7 +740,7 @@ class EngineServer:
         try:
             engine = await asyncio.to_thread(
                 build_engine, self.choice.name, path, sample_rate=body.sample_rate,
-                cache_dir=self._cache_dir, weights=self._weights)
+                cache_dir=self._cache_dir, weights=self._weights, musetalk=self._musetalk)
         except AvatarPreparationError as exc:
             self._refuse("avatar_unusable")
             return _error(422, type(exc).__name__, str(exc), field="avatar")
@@ -789,7 +792,8 @@ class EngineServer:
                 self._on_stream_event(holder[0], event)
 
         stamp = DisclosureStamp.for_disclosure(metadata, label=label_config)
-        stream = EngineStream(engine, post=stamp, realtime=True, on_event=on_event)
+        stream = EngineStream(engine, post=stamp, realtime=True, on_event=on_event,
+                              batch_size=engine.preferred_batch_size)
         broadcast = AvatarBroadcast(fps=engine.fps, sample_rate=engine.sample_rate,
                                     width=engine.width, height=engine.height)
         try:

@@ -230,6 +230,7 @@ class EngineStream:
             return
         self._closed = True
         await self.runner.aclose()
+        self.runner.engine.close()  # the runner's worker thread has stopped drawing
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -6,6 +6,12 @@ Two modes, chosen by config, never by code::
     engine = "auto"                # "lite" | "musetalk" | "auto" (MuseTalk when weights are set)
     regions = ["self-hosted"]      # the region label routing and consent see (default)
     price_per_minute = "0"         # your GPU's cost; 0 is a known price (the default)
+    weights = "/models/musetalk"   # MuseTalk's released weights (official folder layout)
+
+    [providers.local.musetalk]     # the MuseTalk engine (see MuseTalkOptions)
+    device = "cuda"                # auto | cpu | cuda | cuda:N
+    precision = "fp16"             # auto | fp32 | fp16 | bf16
+    batch_size = 8
 
     [providers.gpu-box]            # a remote engine: `avatarkit serve` on another machine
     kind = "local"
@@ -51,6 +57,7 @@ from ..errors import (
     ProviderError,
 )
 from ..join import JoinInfo
+from ..local_engine.musetalk.options import MuseTalkOptions
 from ..media import AudioChunk, AudioFormat, VideoFrame
 from ._http import VendorHttp
 from ._ws import VendorSocket
@@ -93,7 +100,11 @@ class LocalSettings(ProviderSettings):
     fps: float | None = Field(default=None, gt=0, le=120,
                               description="Output frame rate; default the avatar's (25 for "
                               "an image).")
-    batch_size: int = Field(default=1, ge=1, le=64)
+    batch_size: int | None = Field(default=None, ge=1, le=64,
+                                   description="Frames per engine call; default the "
+                                   "engine's (lite 1, MuseTalk its musetalk.batch_size).")
+    musetalk: MuseTalkOptions = Field(default_factory=MuseTalkOptions,
+                                      description="The MuseTalk engine's options.")
     price_per_minute: Decimal | None = Field(default=Decimal(0), ge=0)
 
     @field_validator("url")
@@ -175,14 +186,16 @@ class LocalProvider(Provider):
         engine = await asyncio.to_thread(
             build_engine, choice.name, self._media_path(request.avatar_id),
             fps=self.settings.fps, sample_rate=SAMPLE_RATE, cache_dir=self.settings.cache_dir,
-            weights=self.settings.weights)
+            weights=self.settings.weights,
+            musetalk=self.settings.musetalk.model_dump(exclude_unset=True))
         # the watermark always; the label unless the kit's config turned it off (the
         # disclosure metadata then says label_policy "disabled")
         stamp = DisclosureStamp(label=request.burned_label,
                                 payload=payload_for(request.disclosure.generation_id))
         session = LocalSession(self, request=request, engine_name=choice.name)
         stream = EngineStream(engine, post=stamp, realtime=True,
-                              batch_size=self.settings.batch_size, on_event=session.on_event)
+                              batch_size=self.settings.batch_size or engine.preferred_batch_size,
+                              on_event=session.on_event)
         session.attach(stream)
         stream.start()
         logger.info("local session %s: %s engine, %dx%d at %g fps", session.vendor_session_id,
