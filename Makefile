@@ -36,3 +36,4 @@ bench: $(STAMP)  ## benchmarks; results go to docs/performance.md
 	$(BIN)/python benchmarks/lite_engine.py --write
 	$(BIN)/python benchmarks/offline_render.py --write
 	$(BIN)/python benchmarks/whep_first_frame.py --write
+	$(BIN)/python benchmarks/musetalk_throughput.py --size ci --write
