@@ -250,7 +250,7 @@ def _fps(value: float) -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({machine()})"
+    return "CPU"
 
 
 def main() -> None:
@@ -316,23 +316,27 @@ def main() -> None:
 
 def report(heading: str, args: argparse.Namespace, name: str, dtype: torch.dtype,
            ours: list[OursResult], baseline: BaselineResult | None) -> str:
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (
-        ("size", args.size), ("batches", args.batches), ("frames", args.frames),
-        ("baseline-batch", args.baseline_batch), ("baseline-frames", args.baseline_frames),
-        ("decode_rows", args.decode_rows), ("backend", args.backend)))
-    extra = " ".join(f for f, on in (("--compile", args.compile),
-                                     ("--cuda-graphs", args.cuda_graphs)) if on)
+    options = [("size", args.size), ("batches", args.batches), ("frames", args.frames),
+               ("baseline-batch", args.baseline_batch),
+               ("baseline-frames", args.baseline_frames), ("decode-rows", args.decode_rows),
+               ("backend", args.backend)]
+    words = [f"--{key} {value}" for key, value in options]
+    words += [flag for flag, on in (("--compile", args.compile),
+                                    ("--cuda-graphs", args.cuda_graphs)) if on]
+    command = " ".join(["python benchmarks/musetalk_throughput.py", *words, "--write"])
     first = next((r.first_frame_ms for r in ours if r.first_frame_ms is not None), None)
+    on_cpu = name == "CPU"
     lines = [
         heading,
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d} on **{name}** ({machine()}), "
-        f"{str(dtype).removeprefix('torch.')}, by `python benchmarks/musetalk_throughput.py "
-        f"{flags} {extra} --write`".rstrip() + "`. Random weights of the "
+        f"{str(dtype).removeprefix('torch.')}, by `{command}`. Random weights of the "
         f"{'released (full-size)' if args.size == 'full' else 'tiny test'} configuration; "
         "the 512x512 astronaut avatar; frames returned as full RGB images. "
         "Targets on one H100: >= 500 frames/s aggregate, >= 8x the baseline, first frame "
-        "<= 50 ms.",
+        "<= 50 ms." + (" On a CPU the networks dominate and these figures only show the "
+                       "pipeline runs; the GPU figures need a CUDA run of the same script "
+                       "(none was available when these were taken)." if on_cpu else ""),
         "",
         "| batch | frames/s | features | UNet | decode | blend | copy-out | "
         "peak memory |",
