@@ -7,6 +7,7 @@ paths: diffusers' own ``UNet2DConditionModel.forward`` at timestep 0 (not the fo
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -273,3 +274,18 @@ def test_the_onnx_backend_draws_the_same_frames(avatar: PreparedAvatar, weights:
     onnx_engine.close()
     for t, o in zip(torch_frames, onnx_frames, strict=True):
         assert np.abs(t.astype(int) - o.astype(int)).max() <= 2
+
+
+@pytest.mark.skipif(not os.environ.get("AVATARKIT_COMPILE_TESTS"),
+                    reason="torch.compile takes minutes on a 2-core CPU; set "
+                           "AVATARKIT_COMPILE_TESTS=1 to run it")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_torch_compile_draws_the_same_frames(avatar: PreparedAvatar, weights: Path,
+                                             cache: Path) -> None:
+    audio = frames_of(speech(0.12, seed=12))
+    eager = engine_for(avatar, weights, cache, batch_size=2).render_batch(
+        audio, source_indices=[0] * 3, speaking=[True] * 3, segment_ids=["c"] * 3)
+    compiled = engine_for(avatar, weights, cache, batch_size=2, compile=True).render_batch(
+        audio, source_indices=[0] * 3, speaking=[True] * 3, segment_ids=["c"] * 3)
+    for e, c in zip(eager, compiled, strict=True):
+        assert np.abs(e.astype(int) - c.astype(int)).max() <= 2
