@@ -230,7 +230,8 @@ def test_configuration_errors_are_typed(avatar: PreparedAvatar, weights: Path,
     networks = load_networks(weights)
     for options, field in ((dict(precision="fp16"), "precision"),
                            (dict(device="cuda"), "device"),
-                           (dict(backend="onnx", compile=True), "backend")):
+                           (dict(backend="onnx", compile=True), "backend"),
+                           (dict(backend="onnx", precision="bf16"), "precision")):
         if field == "device" and torch.cuda.is_available():
             continue
         with pytest.raises(ConfigError) as caught:
@@ -262,9 +263,7 @@ def test_build_engine_loads_the_official_layout(portrait: Path, weights: Path,
 
 
 def test_the_onnx_backend_draws_the_same_frames(avatar: PreparedAvatar, weights: Path,
-                                                cache: Path, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AVATARKIT_CACHE_DIR", str(tmp_path))
+                                                cache: Path) -> None:
     audio = frames_of(speech(0.2, seed=10))
     torch_frames = engine_for(avatar, weights, cache).render_batch(
         audio, source_indices=[0] * 5, speaking=[True] * 5, segment_ids=["o"] * 5)
@@ -272,6 +271,8 @@ def test_the_onnx_backend_draws_the_same_frames(avatar: PreparedAvatar, weights:
     onnx_frames = onnx_engine.render_batch(audio, source_indices=[0] * 5,
                                            speaking=[True] * 5, segment_ids=["o"] * 5)
     onnx_engine.close()
+    onnx_engine.close()  # idempotent
+    assert len(list((cache / "onnx").glob("*/unet.onnx"))) == 1  # beside the avatars
     for t, o in zip(torch_frames, onnx_frames, strict=True):
         assert np.abs(t.astype(int) - o.astype(int)).max() <= 2
 

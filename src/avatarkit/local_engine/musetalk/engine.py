@@ -238,6 +238,9 @@ class MuseTalkEngine(LipSyncEngine):
         if opts.backend == "onnx" and (opts.compile or opts.cuda_graphs):
             raise ConfigError("compile and cuda_graphs apply to the torch backend; the ONNX "
                               "backend optimises its own graph", field="backend")
+        if opts.backend == "onnx" and self.dtype == torch.bfloat16:
+            raise ConfigError("the ONNX backend runs fp32 or fp16, not bf16",
+                              field="precision")
         self.avatar = avatar
         self.sample_rate = SAMPLE_RATE
         self.fps = float(fps if fps is not None else avatar.fps)
@@ -273,7 +276,7 @@ class MuseTalkEngine(LipSyncEngine):
         #: tokens' window does)
         self._recent = np.zeros(0, dtype=np.int16)
         self._networks = self._build_networks(unet, decoder, networks.configs.audio_dim,
-                                              fingerprint)
+                                              fingerprint, cache_dir)
         self._cache_device_material()
         self.warm_up()
 
@@ -284,16 +287,18 @@ class MuseTalkEngine(LipSyncEngine):
             torch.cuda.synchronize(self.device)
 
     def _build_networks(self, unet: UNetAtZero, decoder: FaceDecoder, audio_dim: int,
-                        fingerprint: str) -> _Networks:
+                        fingerprint: str,
+                        cache_dir: str | os.PathLike[str] | None) -> _Networks:
         opts = self.options
         if opts.backend == "onnx":
             from ..avatar import default_cache_dir
             from .onnx import OnnxModels
 
+            # exports live beside the prepared avatars (``<cache>/onnx/<key>/``)
             models = OnnxModels.build(
-                unet.float() if self.device.type == "cpu" else unet,
-                decoder, batch_size=opts.batch_size, audio_dim=audio_dim,
-                cache_dir=default_cache_dir().parent, fingerprint=fingerprint,
+                unet, decoder, batch_size=opts.batch_size, audio_dim=audio_dim,
+                cache_dir=cache_dir if cache_dir is not None else default_cache_dir(),
+                fingerprint=fingerprint,
                 providers=opts.onnx_providers,
                 precision="fp32" if self.dtype == torch.float32 else "fp16")
             return _OnnxNetworks(models)
