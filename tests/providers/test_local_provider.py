@@ -196,10 +196,10 @@ def test_bad_settings_name_the_field(settings: dict[str, Any], field: str) -> No
     assert field in str(raised.value)
 
 
-async def test_the_musetalk_engine_is_refused_with_the_reason(
+async def test_the_musetalk_engine_without_weights_is_refused_with_the_reason(
         consent_authority: ConsentAuthority, portrait: Path, cache_dir: Path) -> None:
     async with local_kit(consent_authority, portrait, cache_dir, engine="musetalk") as kit:
         with pytest.raises(ConfigError) as raised:
             async with kit.session("amelia", consent=CONSENT, purpose="support"):
                 pass
-    assert raised.value.field == "engine" and "lite" in str(raised.value)
+    assert raised.value.field == "weights" and "weights folder" in str(raised.value)
