@@ -64,6 +64,7 @@ from avatarkit.local_engine.musetalk.audio import WhisperFeatures, positional_en
 from avatarkit.local_engine.musetalk.configs import MuseTalkConfigs
 from avatarkit.local_engine.musetalk.engine import MuseTalkEngine, StageTimes, resolve_placement
 from avatarkit.local_engine.musetalk.options import MuseTalkOptions
+from avatarkit.local_engine.musetalk.prepare import prepare_musetalk
 from avatarkit.local_engine.musetalk.weights import random_networks
 from avatarkit.local_engine.render import read_speech
 
@@ -183,8 +184,6 @@ def measure_baseline(avatar: PreparedAvatar, configs: MuseTalkConfigs, device: t
     _mem_reset(device)
     networks = random_networks(configs, seed=0, device=device)
     # the geometry and latents of the avatar, prepared as the engine prepares them
-    from avatarkit.local_engine.musetalk.prepare import prepare_musetalk
-
     material = prepare_musetalk(avatar, networks.vae, vae_fingerprint=networks.fingerprint("vae"),
                                 cache_dir=cache)
     unet, vae, encoder = networks.unet, networks.vae, networks.whisper

@@ -231,8 +231,9 @@ def test_configuration_errors_are_typed(avatar: PreparedAvatar, weights: Path,
     for options, field in ((dict(precision="fp16"), "precision"),
                            (dict(device="cuda"), "device"),
                            (dict(backend="onnx", compile=True), "backend"),
-                           (dict(backend="onnx", precision="bf16"), "precision")):
-        if field == "device" and torch.cuda.is_available():
+                           (dict(backend="onnx", precision="bf16"), "precision"),
+                           (dict(cuda_graphs=True), "cuda_graphs")):
+        if field in ("device", "cuda_graphs") and torch.cuda.is_available():
             continue
         with pytest.raises(ConfigError) as caught:
             MuseTalkEngine(avatar, networks, options=MuseTalkOptions.model_validate(options),

@@ -35,8 +35,9 @@ import math
 import os
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -73,7 +74,6 @@ class StageTimes:
     frames: int = 0  # frames that ran the networks
     skipped: int = 0  # speaking frames shown closed (silence)
     batches: int = 0
-    per_batch: list[float] = field(default_factory=list)
 
     def per_frame_ms(self) -> dict[str, float]:
         """Milliseconds per network frame for each stage."""
@@ -118,22 +118,25 @@ def resolve_placement(options: MuseTalkOptions) -> tuple[torch.device, torch.dty
     return device, _resolve_dtype(options.precision, device)
 
 
-class _Networks:
+class _Networks(ABC):
     """The UNet step and the decoder behind one interface (torch or ONNX Runtime)."""
 
+    #: the one batch size the backend accepts (None: any)
     static_batch: int | None = None
 
+    @abstractmethod
     def run(self, latents: torch.Tensor, tokens: torch.Tensor,
             times: StageTimes | None) -> torch.Tensor:
-        raise NotImplementedError
+        """Faces ``[B, 3, rows, 256]`` for latents ``[B, 8, 32, 32]`` and tokens
+        ``[B, 50, d]``; adds to ``times.unet`` / ``times.decode`` when given."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional hook, not abstract)
         """Release what the backend holds."""
 
 
 class _TorchNetworks(_Networks):
     def __init__(self, unet: UNetAtZero, decoder: FaceDecoder, *, device: torch.device,
-                 dtype: torch.dtype, compile_: bool, cuda_graphs: bool, batch_size: int,
+                 compile_: bool, cuda_graphs: bool, batch_size: int,
                  sync: Callable[[], None]) -> None:
         self._unet: Callable[..., torch.Tensor] = unet
         self._decoder: Callable[..., torch.Tensor] = decoder
@@ -144,12 +147,9 @@ class _TorchNetworks(_Networks):
             self.static_batch = batch_size
         self._graph: torch.cuda.CUDAGraph | None = None
         self._cuda_graphs = cuda_graphs
+        self._device = device
         if cuda_graphs:
-            if device.type != "cuda":
-                raise ConfigError("CUDA graphs need a CUDA device", field="cuda_graphs")
             self.static_batch = batch_size
-            self._device = device
-            self._dtype = dtype
 
     def _capture(self, latents: torch.Tensor, tokens: torch.Tensor) -> None:
         self._in_latents = latents.clone()
@@ -238,6 +238,8 @@ class MuseTalkEngine(LipSyncEngine):
         if opts.backend == "onnx" and (opts.compile or opts.cuda_graphs):
             raise ConfigError("compile and cuda_graphs apply to the torch backend; the ONNX "
                               "backend optimises its own graph", field="backend")
+        if opts.cuda_graphs and self.device.type != "cuda":
+            raise ConfigError("CUDA graphs need a CUDA device", field="cuda_graphs")
         if opts.backend == "onnx" and self.dtype == torch.bfloat16:
             raise ConfigError("the ONNX backend runs fp32 or fp16, not bf16",
                               field="precision")
@@ -302,7 +304,7 @@ class MuseTalkEngine(LipSyncEngine):
                 providers=opts.onnx_providers,
                 precision="fp32" if self.dtype == torch.float32 else "fp16")
             return _OnnxNetworks(models)
-        return _TorchNetworks(unet, decoder, device=self.device, dtype=self.dtype,
+        return _TorchNetworks(unet, decoder, device=self.device,
                               compile_=opts.compile, cuda_graphs=opts.cuda_graphs,
                               batch_size=opts.batch_size, sync=self._sync)
 
@@ -389,7 +391,6 @@ class MuseTalkEngine(LipSyncEngine):
                     frame[y0:y1, x0:x1] = roi
                     pictures[k] = frame
             self.times.batches += 1
-            self.times.per_batch.append(time.perf_counter() - start)
         return [p if p is not None else self.avatar.frames[source_indices[k]].copy()
                 for k, p in enumerate(pictures)]
 
