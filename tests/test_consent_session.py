@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,6 +36,7 @@ from avatarkit import (
     SessionState,
 )
 from avatarkit.consent import ConsentAuthority, ConsentGrant, IssuerKey, issue_consent_token
+from avatarkit.consent.keys import b64url, unb64url
 from avatarkit.consent.status import StatusListSource
 from avatarkit.disclosure.notice import verify_disclosure_notice
 from avatarkit.emulators import TavusEmulator
@@ -372,3 +375,60 @@ def test_consent_config_paths_are_relative_to_the_toml_file(tmp_path: Any) -> No
         AvatarKit(config)  # the JWKS file does not exist
     assert info.value.field == "consent.jwks"
 
+
+
+PARTNER = "https://partner-consent.example"
+
+
+def _two_issuers(partner: IssuerKey, **overrides: Any) -> dict[str, Any]:
+    ours = consent_config()
+    fields: dict[str, Any] = {"issuers": [ours["issuers"][0], PARTNER],
+                              "jwks": {ours["issuers"][0]: ours["jwks"],
+                                       PARTNER: {"keys": [partner.public_jwk()]}}}
+    return consent_config(**{**fields, **overrides})
+
+
+async def test_a_kit_trusting_two_registries_keeps_their_keys_apart(
+        tavus_emulator: TavusEmulator, make_kit: KitFactory) -> None:
+    """Registry B's key cannot sign a token in registry A's name, through the whole kit."""
+    partner = IssuerKey.generate()
+    header, claims = (json.loads(unb64url(part)) for part in CONSENT.split(".")[:2])
+    signing_input = f"{b64url(json.dumps({**header, 'kid': partner.kid}).encode())}." \
+                    f"{b64url(json.dumps(claims).encode())}"
+    forged = f"{signing_input}.{b64url(partner.private_key.sign(signing_input.encode()))}"
+    async with make_kit(consent=_two_issuers(partner)) as kit:
+        async with kit.session("amelia", consent=CONSENT, purpose="support") as s:
+            assert s.consent.issuer == claims["iss"]
+        session = kit.session("amelia", consent=forged, purpose="support")
+        with pytest.raises(InvalidConsentToken) as info:
+            async with session:
+                pass
+        assert info.value.check is ConsentCheck.KEY
+    assert creates(tavus_emulator) == 1
+
+
+def test_consent_config_binds_each_issuer_to_its_own_keys(tmp_path: Any) -> None:
+    partner = IssuerKey.generate()
+    with pytest.raises(ConfigError) as info:  # one set for two issuers
+        KitConfig(consent=consent_config(issuers=[consent_config()["issuers"][0], PARTNER]))
+    assert info.value.field == "consent.jwks"
+    assert "each issuer its own" in str(info.value)
+    with pytest.raises(ConfigError) as info:  # a table that leaves an issuer out
+        KitConfig(consent=_two_issuers(partner, issuers=[PARTNER]))
+    assert info.value.field == "consent.jwks"
+    with pytest.raises(ConfigError) as info:
+        KitConfig(consent=_two_issuers(partner, jwks={PARTNER: 42}))
+    assert "consent.jwks" in (info.value.field or "")
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "avatarkit.toml").write_text(
+        '[consent]\naudience = "a"\nissuers = ["https://a.example", "https://b.example"]\n'
+        '[consent.jwks]\n"https://a.example" = "keys/a.jwks.json"\n'
+        '"https://b.example" = "/etc/avatarkit/b.jwks.json"\n')
+    config = KitConfig.from_toml(tmp_path / "avatarkit.toml")
+    assert config.consent is not None
+    assert config.consent.jwks_by_issuer() == {
+        "https://a.example": tmp_path / "keys" / "a.jwks.json",
+        "https://b.example": Path("/etc/avatarkit/b.jwks.json")}
+    with pytest.raises(ConfigError) as info:
+        AvatarKit(config)  # the files do not exist: the field names the issuer
+    assert info.value.field == "consent.jwks.https://a.example"

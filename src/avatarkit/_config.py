@@ -113,11 +113,15 @@ class MeteringConfig(BaseModel):
 class ConsentConfig(BaseModel):
     """``[consent]``: whose consent tokens this deployment trusts, and how it checks them.
 
-    Every session needs a token signed by one of ``issuers`` with a key in ``jwks`` and
-    addressed to ``audience``. Revocation status comes from signed status lists: a URI listed
-    in ``status_lists`` is read from that local file (offline deployments); any other
-    ``http(s)`` URI is fetched. ``store`` is the SQLite consent ledger and generation log;
-    without it the log is kept in memory only (a warning says so).
+    Every session needs a token of one of ``issuers``, signed with a key pinned *for that
+    issuer* in ``jwks``, and addressed to ``audience``. ``jwks`` is one JWKS (a file, or
+    inline) when there is one issuer; with several, a table giving each issuer its own
+    (``[consent.jwks]`` ``"https://consent.acme.example" = "keys/acme.jwks.json"``): one set
+    shared by several issuers would let each sign in the others' names. Revocation status
+    comes from signed status lists: a URI listed in ``status_lists`` is read from that local
+    file (offline deployments); any other ``http(s)`` URI is fetched. ``store`` is the SQLite
+    consent ledger and generation log; without it the log is kept in memory only (a warning
+    says so).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -125,7 +129,8 @@ class ConsentConfig(BaseModel):
     audience: str = Field(min_length=1, description="This deployment's id (the tokens' aud).")
     issuers: list[str] = Field(min_length=1, description="Trusted consent registries (iss).")
     jwks: Path | dict[str, Any] = Field(
-        description="The issuers' pinned Ed25519 public keys: a JWKS file, or the JWKS inline.")
+        description="The issuers' pinned Ed25519 public keys: a JWKS file or inline JWKS (one "
+        "issuer), or a table issuer -> JWKS file or inline JWKS.")
     status_lists: dict[str, Path] = Field(
         default_factory=dict, description="Status list URI -> local file holding the signed "
         "statuslist+jwt.")
@@ -136,6 +141,53 @@ class ConsentConfig(BaseModel):
     leeway_s: float = Field(default=5, ge=0, le=300, description="Clock skew allowed.")
     store: Path | None = Field(
         default=None, description="SQLite consent ledger + generation log (file path).")
+
+    @field_validator("jwks", mode="after")
+    @classmethod
+    def _jwks_paths(cls, value: Path | dict[str, Any]) -> Path | dict[str, Any]:
+        if isinstance(value, Path) or _is_jwks(value):
+            return value
+        out: dict[str, Any] = {}
+        for issuer, keys in value.items():
+            if isinstance(keys, str) and keys:
+                out[issuer] = Path(keys)
+            elif _is_jwks(keys):
+                out[issuer] = keys
+            else:
+                raise ValueError(f"{issuer}: expected a JWKS file path or an inline JWKS "
+                                 "({keys = [...]})")
+        return out
+
+    @model_validator(mode="after")
+    def _keys_per_issuer(self) -> ConsentConfig:
+        if len(set(self.issuers)) != len(self.issuers):
+            raise ConfigError("lists an issuer twice", field="consent.issuers")
+        if isinstance(self.jwks, Path) or _is_jwks(self.jwks):
+            if len(self.issuers) > 1:
+                raise ConfigError(
+                    f"one key set for {len(self.issuers)} issuers would let each sign in the "
+                    "others' names: give each issuer its own ([consent.jwks] "
+                    "\"<issuer>\" = \"<jwks file>\")", field="consent.jwks")
+            return self
+        named, listed = set(self.jwks), set(self.issuers)
+        if named != listed:
+            missing, extra = sorted(listed - named), sorted(named - listed)
+            problem = f"no key set for {', '.join(missing)}" if missing else \
+                f"{', '.join(extra)} not in consent.issuers"
+            raise ConfigError(f"must give exactly the issuers their key sets: {problem}",
+                              field="consent.jwks")
+        return self
+
+    def jwks_by_issuer(self) -> dict[str, Path | dict[str, Any]]:
+        """Each trusted issuer's pinned JWKS (a file path or the JWKS itself)."""
+        if isinstance(self.jwks, Path) or _is_jwks(self.jwks):
+            return {self.issuers[0]: self.jwks}
+        return dict(self.jwks)
+
+
+def _is_jwks(value: object) -> bool:
+    """An inline JWKS (``{"keys": [...]}``) rather than a table of issuers."""
+    return isinstance(value, dict) and "keys" in value
 
 
 class DisclosureConfig(BaseModel):
@@ -324,9 +376,10 @@ class KitConfig(BaseSettings):
             return root / path if path is not None and not path.is_absolute() else path
 
         if self.consent is not None:
+            jwks = self.consent.jwks
             consent = self.consent.model_copy(update={
-                "jwks": fix(self.consent.jwks) if isinstance(self.consent.jwks, Path)
-                else self.consent.jwks,
+                "jwks": fix(jwks) if isinstance(jwks, Path) else jwks if _is_jwks(jwks)
+                else {iss: fix(v) if isinstance(v, Path) else v for iss, v in jwks.items()},
                 "store": fix(self.consent.store),
                 "status_lists": {k: fix(v) for k, v in self.consent.status_lists.items()},
             })

@@ -297,6 +297,7 @@ class ConsentCheck(StrEnum):
     ISSUER = "issuer"                  # iss is not a trusted issuer
     AUDIENCE = "audience"              # aud does not name this deployment
     CLAIMS = "claims"                  # a required claim is missing or has the wrong type
+    ISSUED_AT = "issued_at"            # iat ahead of this clock by more than the leeway
     RECORD = "record"                  # rec does not match the consent record presented
     EXPIRED = "expired"                # now >= exp
     NOT_YET_VALID = "not_yet_valid"    # now < nbf

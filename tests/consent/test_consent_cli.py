@@ -199,3 +199,34 @@ def test_runs_as_the_avatarkit_command(tmp_path: Path) -> None:
         capture_output=True, text=True, env=env, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == IssuerKey.load(tmp_path / "k.json").kid
+
+
+def test_verify_with_two_issuers_pins_a_key_set_for_each(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    t = tmp_path
+    partner = "https://partner.example"
+    for name in ("a", "b"):
+        assert run(capsys, "keygen", "--out", str(t / f"{name}.json"),
+                   "--jwks", str(t / f"{name}.jwks.json"))[0] == 0
+    assert run(capsys, "init-list", "--list", str(t / "list.json"), "--uri", URI,
+               "--size", "64")[0] == 0
+    assert run(capsys, "publish", "--list", str(t / "list.json"), "--key", str(t / "a.json"),
+               "--out", str(t / "list.jwt"), "--issuer", ISSUER)[0] == 0
+    write_grant(t / "grant.json")
+    token = {}
+    for name in ("a", "b"):  # the same grant (iss = ISSUER) signed by each key
+        code, out, err = run(capsys, "issue", "--key", str(t / f"{name}.json"), "--grant",
+                             str(t / "grant.json"), "--audience", AUDIENCE)
+        assert code == 0, err
+        token[name] = out.strip()
+    both = ["--issuer", ISSUER, "--issuer", partner,
+            "--jwks", f"{ISSUER}={t / 'a.jwks.json'}", "--jwks", f"{partner}={t / 'b.jwks.json'}",
+            "--audience", AUDIENCE, "--status-list", str(t / "list.jwt")]
+    code, out, err = run(capsys, "verify", *both, token["a"])
+    assert code == 0, err
+    code, out, err = run(capsys, "verify", *both, token["b"])  # B's key, A's name
+    assert code == 3 and err.startswith("refused: key: "), err
+    # one plain JWKS for two issuers is refused outright
+    code, _, err = run(capsys, "verify", "--issuer", ISSUER, "--issuer", partner, "--jwks",
+                       str(t / "a.jwks.json"), "--audience", AUDIENCE, "--no-status", token["a"])
+    assert code == 2 and "ISS=JWKS" in err

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from avatarkit.consent.grant import StatusReference
-from avatarkit.consent.keys import IssuerKey, KeySet, b64url, unb64url
+from avatarkit.consent.keys import IssuerKey, KeySet, TrustedIssuers, b64url, unb64url
 from avatarkit.consent.status import (
     STATUS_LIST_TYPE,
     FileStatusListSource,
@@ -27,7 +27,7 @@ from avatarkit.consent.status import (
     TokenStatus,
     issue_status_list_token,
 )
-from avatarkit.errors import ConsentCheck, ConsentStatusUnavailable
+from avatarkit.errors import ConfigError, ConsentCheck, ConsentStatusUnavailable
 
 NOW = 1_800_000_000.0
 URI = "https://registry.example/status/1"
@@ -431,3 +431,92 @@ def test_checker_and_issuer_argument_checks() -> None:
         issue_status_list_token(StatusList(8), key, uri="")
     with pytest.raises(ValueError):
         issue_status_list_token(StatusList(8), key, uri=URI, ttl_s=0)
+
+
+# -- lists are statements of one issuer ------------------------------------------------------
+
+ISSUER_A = "https://registry.example"
+ISSUER_B = "https://partner-registry.example"
+
+
+class TwoRegistries:
+    """A checker that pins A's key for A and B's key for B, reading A's list from ``URI``."""
+
+    def __init__(self) -> None:
+        self.key_a, self.key_b = IssuerKey.generate(), IssuerKey.generate()
+        self.clock = Clock()
+        self.source = CountingSource()
+        self.trusted = TrustedIssuers({ISSUER_A: KeySet.of(self.key_a),
+                                       ISSUER_B: KeySet.of(self.key_b)})
+        self.checker = StatusChecker(self.trusted, self.source, clock=self.clock)
+
+    def publish(self, entries: StatusList, key: IssuerKey, *, issuer: str | None = None,
+                issued_at: float | None = None) -> None:
+        self.source.publish(URI, issue_status_list_token(
+            entries, key, uri=URI, issuer=issuer,
+            issued_at=self.clock.now if issued_at is None else issued_at))
+
+
+async def test_a_list_is_verified_with_the_keys_of_the_tokens_issuer() -> None:
+    r = TwoRegistries()
+    revoked = StatusList(16)
+    revoked[REF.idx] = TokenStatus.INVALID
+    r.publish(revoked, r.key_a, issuer=ISSUER_A)
+    assert await r.checker.status(REF, issuer=ISSUER_A) is TokenStatus.INVALID
+    # B signs an all-valid list for A's URI: it does not answer for A's tokens
+    r.publish(StatusList(16), r.key_b, issued_at=NOW + 1)
+    r.checker.invalidate()
+    with pytest.raises(ConsentStatusUnavailable) as info:
+        await r.checker.status(REF, issuer=ISSUER_A)
+    unavailable(info)
+    # (it verifies as B's statement, cached apart from A's)
+    assert await r.checker.status(REF, issuer=ISSUER_B) is TokenStatus.VALID
+    with pytest.raises(ConsentStatusUnavailable):
+        await r.checker.status(REF, issuer=ISSUER_A)
+
+
+async def test_a_list_whose_iss_names_another_issuer_is_refused() -> None:
+    r = TwoRegistries()
+    r.publish(StatusList(16), r.key_a, issuer=ISSUER_B)  # A's key, but "by B"
+    with pytest.raises(ConsentStatusUnavailable) as info:
+        await r.checker.status(REF, issuer=ISSUER_A)
+    unavailable(info)
+    r.publish(StatusList(16), r.key_a, issuer=ISSUER_A, issued_at=NOW + 1)
+    assert await r.checker.status(REF, issuer=ISSUER_A) is TokenStatus.VALID
+
+
+async def test_an_issuer_bound_checker_needs_a_trusted_issuer() -> None:
+    r = TwoRegistries()
+    r.publish(StatusList(16), r.key_a, issuer=ISSUER_A)
+    assert r.checker.issuer_bound
+    with pytest.raises(ConfigError) as config:
+        await r.checker.status(REF)
+    assert config.value.field == "issuer"
+    with pytest.raises(ConsentStatusUnavailable) as info:
+        await r.checker.status(REF, issuer="https://unknown.example")
+    unavailable(info)
+    assert r.source.fetches == 0  # nothing fetched for an issuer with no keys
+
+
+def test_issued_list_names_its_issuer() -> None:
+    key = IssuerKey.generate()
+    token = issue_status_list_token(StatusList(8), key, uri=URI, issuer=ISSUER_A)
+    assert json.loads(unb64url(token.split(".")[1]))["iss"] == ISSUER_A
+    with pytest.raises(ValueError):
+        issue_status_list_token(StatusList(8), key, uri=URI, issuer="")
+
+
+async def test_duplicate_members_in_a_list_are_refused(s: Setup) -> None:
+    header = {"alg": "EdDSA", "typ": STATUS_LIST_TYPE, "kid": s.key.kid}
+    revoked = StatusList(16)
+    revoked[REF.idx] = TokenStatus.INVALID
+    body = json.dumps(_claims(status_list={"bits": 2, "lst": revoked.encode()}))
+    # a second status_list member: a last-wins parser would read the all-valid one
+    body = body[:-1] + ', "status_list": {"bits": 2, "lst": "' + StatusList(16).encode() + '"}}'
+    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(body.encode())}"
+    s.source.publish(URI, f"{signing_input}."
+                          f"{b64url(s.key.private_key.sign(signing_input.encode()))}")
+    with pytest.raises(ConsentStatusUnavailable) as info:
+        await s.checker.status(REF)
+    unavailable(info)
+    assert "more than once" in str(info.value)

@@ -29,7 +29,14 @@ from avatarkit.consent.grant import (
     LikenessSubject,
     StatusReference,
 )
-from avatarkit.consent.keys import IssuerKey, KeySet, b64url, jwk_thumbprint, unb64url
+from avatarkit.consent.keys import (
+    IssuerKey,
+    KeySet,
+    TrustedIssuers,
+    b64url,
+    jwk_thumbprint,
+    unb64url,
+)
 from avatarkit.consent.status import (
     StaticStatusListSource,
     StatusChecker,
@@ -825,6 +832,172 @@ def test_verifier_config_is_checked(env: Env) -> None:
     assert info.value.field == "issuers"
     with pytest.raises(ConfigError):
         env.make_verifier(audience="")
+
+
+# -- issuers and their keys: one registry cannot sign for another -------------------------
+
+ISSUER_B = "https://partner-registry.example"
+URI_B = "https://partner-registry.example/status/1"
+
+
+@dataclass
+class TwoIssuers:
+    """A deployment trusting registries A (``env.key``, ``ISSUER``) and B (its own key)."""
+
+    env: Env
+    key_b: IssuerKey = field(default_factory=IssuerKey.generate)
+
+    def __post_init__(self) -> None:
+        self.trusted = TrustedIssuers({ISSUER: KeySet.of(self.env.key),
+                                       ISSUER_B: KeySet.of(self.key_b)})
+        self.checker = StatusChecker(self.trusted, self.env.source, clock=self.env.clock)
+        self.verifier = ConsentVerifier(self.trusted, audience=AUDIENCE, status=self.checker,
+                                        replay=self.env.replay, clock=self.env.clock)
+        self.env.source.publish(URI_B, issue_status_list_token(
+            StatusList(64), self.key_b, uri=URI_B, issuer=ISSUER_B,
+            issued_at=self.env.clock.now))
+
+    def token_b(self) -> str:
+        grant = make_grant(issuer=ISSUER_B, consent_id="cns_01JTESTCONSENTB00000000001",
+                           status=StatusReference(uri=URI_B, idx=IDX))
+        return issue_consent_token(grant, self.key_b, audience=AUDIENCE, issued_at=at(NOW))
+
+
+@pytest.fixture
+def two(env: Env) -> TwoIssuers:
+    return TwoIssuers(env)
+
+
+async def test_each_trusted_issuer_verifies_its_own_tokens(two: TwoIssuers) -> None:
+    assert (await two.verifier.verify(two.env.token(), REQUEST)).issuer == ISSUER
+    assert (await two.verifier.verify(two.token_b(), REQUEST)).issuer == ISSUER_B
+    assert two.verifier.issuers == {ISSUER, ISSUER_B}
+
+
+async def test_a_token_re_signed_with_another_trusted_issuers_key_is_refused(
+        two: TwoIssuers) -> None:
+    header, claims = split(two.env.token())  # iss = A
+    forged = forge({**header, "kid": two.key_b.kid}, claims, two.key_b)
+    error = await refused(two.env, forged, InvalidConsentToken, Check.KEY,
+                          verifier=two.verifier)
+    assert error.consent_id == claims["jti"]
+    # and the other way round: B's token claiming to be A's, signed by B
+    _, claims_b = split(two.token_b())
+    claims_b["iss"] = ISSUER
+    forged_b = forge({"alg": "EdDSA", "typ": CONSENT_TOKEN_TYPE, "kid": two.key_b.kid},
+                     claims_b, two.key_b)
+    await refused(two.env, forged_b, InvalidConsentToken, Check.KEY, verifier=two.verifier)
+
+
+async def test_a_status_list_for_one_issuers_uri_signed_by_another_is_refused(
+        two: TwoIssuers) -> None:
+    """Registry B must not un-revoke registry A's consents by publishing at A's URI."""
+    env = two.env
+    token = env.token()
+    await two.verifier.verify(token, REQUEST)
+    env.status_list[IDX] = TokenStatus.INVALID  # A revokes...
+    env.publish()
+    two.checker.invalidate()
+    await refused(env, token, ConsentWithdrawn, Check.REVOKED, verifier=two.verifier)
+    # ...and B's key signs an all-valid list for A's URI, dated later than A's
+    env.source.publish(URI, issue_status_list_token(StatusList(64), two.key_b, uri=URI,
+                                                    issued_at=env.clock.now + 1))
+    two.checker.invalidate()
+    env.clock.now += 2
+    await refused(env, token, ConsentStatusUnavailable, Check.STATUS_UNAVAILABLE,
+                  verifier=two.verifier)
+    # with iss naming B, even signed by a key pinned for both, it does not answer for A
+    shared = IssuerKey.generate()
+    both = TrustedIssuers({ISSUER: KeySet.of(env.key, shared),
+                           ISSUER_B: KeySet.of(two.key_b, shared)})
+    checker = StatusChecker(both, env.source, clock=env.clock)
+    env.source.publish(URI, issue_status_list_token(StatusList(64), shared, uri=URI,
+                                                    issuer=ISSUER_B,
+                                                    issued_at=env.clock.now))
+    with pytest.raises(ConsentStatusUnavailable):
+        await checker.status(StatusReference(uri=URI, idx=IDX), issuer=ISSUER)
+    assert await checker.status(StatusReference(uri=URI, idx=IDX),
+                                issuer=ISSUER_B) is TokenStatus.VALID
+
+
+def test_one_key_set_is_not_pinned_for_several_issuers(env: Env) -> None:
+    both = KeySet.of(env.key, IssuerKey.generate())
+    with pytest.raises(ConfigError) as info:
+        ConsentVerifier(both, issuers=[ISSUER, ISSUER_B], audience=AUDIENCE,
+                        status=StatusChecker(both, env.source))
+    assert info.value.field == "jwks"
+    trusted = TrustedIssuers({ISSUER: KeySet.of(env.key), ISSUER_B: both})
+    with pytest.raises(ConfigError) as info:  # a checker sharing one set among issuers
+        ConsentVerifier(trusted, audience=AUDIENCE, status=StatusChecker(both, env.source))
+    assert info.value.field == "status"
+    with pytest.raises(ConfigError) as info:
+        ConsentVerifier(trusted, issuers=[ISSUER], audience=AUDIENCE,
+                        status=StatusChecker(trusted, env.source))
+    assert info.value.field == "issuers"
+    for bad in ({}, {ISSUER: KeySet({})}, {"": KeySet.of(env.key)}, both):
+        with pytest.raises(ConfigError):
+            TrustedIssuers(bad)  # type: ignore[arg-type]
+
+
+# -- issue time --------------------------------------------------------------------------
+
+
+async def test_token_issued_in_the_future_is_refused(env: Env) -> None:
+    ahead = env.token(issued_at=at(NOW + 6))  # the verifier's leeway is 5 s
+    error = await refused(env, ahead, InvalidConsentToken, Check.ISSUED_AT)
+    assert error.consent_id == make_grant().consent_id
+    await env.verifier.verify(env.token(issued_at=at(NOW + 4)), REQUEST)  # within leeway
+    env.clock.now += 2
+    await env.verifier.verify(ahead, REQUEST)  # once the clock has caught up
+
+
+# -- duplicate members and non-JSON constants --------------------------------------------
+
+
+def forge_raw(header: str, payload: str, signer: IssuerKey) -> str:
+    """A compact JWS of exactly these JSON texts, Ed25519-signed by ``signer``."""
+    signing_input = f"{b64url(header.encode())}.{b64url(payload.encode())}"
+    return f"{signing_input}.{b64url(signer.private_key.sign(signing_input.encode()))}"
+
+
+def with_member(obj: dict[str, Any], text: str) -> str:
+    """``obj`` as JSON with ``text`` (e.g. ``"exp":1``) appended as one more member."""
+    return json.dumps(obj, separators=(",", ":"))[:-1] + "," + text + "}"
+
+
+@pytest.mark.parametrize("where", ["header alg", "header kid", "payload exp", "payload aud",
+                                   "payload iss", "nested scope"])
+async def test_duplicate_member_names_are_malformed(env: Env, where: str) -> None:
+    header, claims = split(env.token())
+    head = json.dumps(header, separators=(",", ":"))
+    body = json.dumps(claims, separators=(",", ":"))
+    if where == "header alg":
+        head = with_member(header, '"alg":"EdDSA"')
+    elif where == "header kid":
+        head = with_member(header, json.dumps("kid") + ":" + json.dumps(env.key.kid))
+    elif where == "payload exp":  # a second exp a year later: last-wins parsers extend it
+        body = with_member(claims, f'"exp":{claims["exp"] + 365 * 86400}')
+    elif where == "payload aud":
+        body = with_member(claims, '"aud":"another-deployment"')
+    elif where == "payload iss":
+        body = with_member(claims, f'"iss":{json.dumps(ISSUER)}')
+    else:
+        scope = json.dumps(claims["scope"], separators=(",", ":"))[:-1] + \
+            ',"purposes":["political"]}'
+        body = body.replace(json.dumps(claims["scope"], separators=(",", ":")), scope)
+        assert body.count('"purposes"') == 2
+    error = await refused(env, forge_raw(head, body, env.key), InvalidConsentToken,
+                          Check.MALFORMED)
+    assert "more than once" in str(error)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+async def test_non_json_constants_are_malformed(env: Env, constant: str) -> None:
+    header, claims = split(env.token())
+    body = json.dumps(claims, separators=(",", ":")).replace(
+        f'"exp":{claims["exp"]}', f'"exp":{constant}')
+    await refused(env, forge_raw(json.dumps(header), body, env.key), InvalidConsentToken,
+                  Check.MALFORMED)
 
 
 # -- keys --------------------------------------------------------------------------------

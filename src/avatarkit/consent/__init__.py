@@ -2,7 +2,8 @@
 
 - :class:`ConsentGrant` is the record (canonical JSON, SHA-256 identity).
 - :func:`issue_consent_token` / :class:`ConsentVerifier` sign and check Ed25519 JWTs
-  (``typ`` ``avk-consent+jwt``) against pinned issuer keys (:class:`KeySet`).
+  (``typ`` ``avk-consent+jwt``) against the keys pinned for their issuer
+  (:class:`TrustedIssuers`: issuer -> :class:`KeySet`).
 - Revocation is an IETF Token Status List (:class:`StatusList`, :class:`StatusChecker`),
   2 bits per consent: valid, revoked, suspended.
 - :class:`SQLiteConsentStore` is the append-only, hash-chained consent ledger and
@@ -14,7 +15,7 @@
 
 from .authority import ConsentAuthority
 from .grant import ConsentEvidence, ConsentGrant, Grantor, LikenessSubject, StatusReference
-from .keys import IssuerKey, KeySet
+from .keys import IssuerKey, KeySet, TrustedIssuers
 from .status import (
     FileStatusListSource,
     HttpStatusListSource,
@@ -62,6 +63,7 @@ __all__ = [
     "StatusListSource",
     "StatusReference",
     "TokenStatus",
+    "TrustedIssuers",
     "VerifiedConsent",
     "issue_consent_token",
     "issue_status_list_token",

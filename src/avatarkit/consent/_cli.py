@@ -4,6 +4,7 @@
     avatarkit consent issue --key KEY.json --grant GRANT.json --audience AUD
                             [--single-use] [--expires-at ISO]
     avatarkit consent verify --jwks JWKS.json --issuer ISS --audience AUD
+                             (several issuers: --jwks ISS=JWKS.json for each)
                              [--status-list FILE_OR_DIR ... | --no-status]
                              [--avatar A --purpose P --channel C --modality M ...
                               --language L --provider X --region R --vendor-id V] TOKEN|-
@@ -11,6 +12,7 @@
     avatarkit consent revoke|suspend|reinstate --list LIST.json --idx N
     avatarkit consent status --list LIST.json [--idx N]
     avatarkit consent publish --list LIST.json --key KEY.json --out LIST.jwt [--ttl S]
+                              [--issuer ISS]
 
 The status-list state file is JSON ``{uri, bits, size, lst}``: the registry's working copy,
 published as a signed ``statuslist+jwt`` with ``publish``. ``issue`` prints only the token on
@@ -38,7 +40,7 @@ from pydantic import ValidationError
 
 from ..errors import AvatarKitError, ConfigError, ConsentViolation
 from .grant import ConsentGrant
-from .keys import IssuerKey, KeySet
+from .keys import IssuerKey, KeySet, TrustedIssuers
 from .status import (
     FileStatusListSource,
     HttpStatusListSource,
@@ -91,7 +93,10 @@ def add_consent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
     verify = cmds.add_parser("verify", help="verify a consent token")
     verify.add_argument("token", metavar="TOKEN", help="the token, or - to read stdin")
-    verify.add_argument("--jwks", required=True, type=Path)
+    verify.add_argument("--jwks", required=True, action="append", metavar="[ISS=]JWKS",
+                        help="the JWKS pinned for the issuer; with several issuers, "
+                             "ISS=JWKS for each (a key trusted for one issuer never verifies "
+                             "another's tokens)")
     verify.add_argument("--issuer", required=True, action="append",
                         help="trusted issuer (repeatable)")
     verify.add_argument("--audience", required=True, help="this deployment's id")
@@ -136,6 +141,8 @@ def add_consent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     publish.add_argument("--ttl", type=int, default=300, help="cache lifetime in seconds")
     publish.add_argument("--expires-in", type=int, default=86400,
                          help="seconds until the signed list expires")
+    publish.add_argument("--issuer", help="the issuer (iss) of the tokens the list answers "
+                                          "for; verifiers refuse it for another issuer")
 
 
 def run_consent(args: argparse.Namespace) -> int:
@@ -218,8 +225,27 @@ def _read_token(arg: str) -> str:
     return sys.stdin.read().strip() if arg == "-" else arg.strip()
 
 
+def _trusted(issuers: list[str], jwks: list[str]) -> TrustedIssuers:
+    """``--issuer``/``--jwks`` as per-issuer key sets: one plain JWKS for one issuer, else an
+    ``ISS=JWKS`` pair for each issuer (split at the last ``=``)."""
+    if len(issuers) == 1 and len(jwks) == 1 and not jwks[0].startswith(f"{issuers[0]}="):
+        return TrustedIssuers({issuers[0]: KeySet.load(jwks[0])})
+    sets: dict[str, KeySet] = {}
+    for pair in jwks:
+        issuer, sep, path = pair.rpartition("=")
+        if not sep or not issuer or not path:
+            raise ConfigError("with several issuers, give each its key set as ISS=JWKS",
+                              field="--jwks")
+        if issuer in sets:
+            raise ConfigError(f"two key sets for {issuer}", field="--jwks")
+        sets[issuer] = KeySet.load(path)
+    if set(sets) != set(issuers):
+        raise ConfigError("needs exactly one ISS=JWKS for each --issuer", field="--jwks")
+    return TrustedIssuers(sets)
+
+
 async def _verify(args: argparse.Namespace) -> int:
-    keys = KeySet.load(args.jwks)
+    keys = _trusted(args.issuer, args.jwks)
     token = _read_token(args.token)
     request = _request(args)
     async with httpx.AsyncClient(timeout=10.0) as client:
@@ -228,8 +254,8 @@ async def _verify(args: argparse.Namespace) -> int:
             source: StatusListSource = FileStatusListSource.discover(*args.status_list) \
                 if args.status_list else HttpStatusListSource(client)
             checker = StatusChecker(keys, source)
-        verifier = ConsentVerifier(keys, issuers=args.issuer, audience=args.audience,
-                                   status=checker, require_status=not args.no_status)
+        verifier = ConsentVerifier(keys, audience=args.audience, status=checker,
+                                   require_status=not args.no_status)
         verified = await verifier.verify(token, request)
     out: dict[str, Any] = verified.model_dump(mode="json")
     out["status"] = None if verified.status is None else _name(verified.status)
@@ -358,7 +384,7 @@ def _publish(args: argparse.Namespace) -> int:
     state = _ListState.load(args.list_path)
     key = IssuerKey.load(args.key)
     token = issue_status_list_token(state.entries, key, uri=state.uri, ttl_s=args.ttl,
-                                    expires_in_s=args.expires_in)
+                                    expires_in_s=args.expires_in, issuer=args.issuer)
     _atomic_write(args.out, token + "\n")
     print(f"{args.out}: {state.uri} signed by {key.kid}")
     return 0

@@ -21,7 +21,7 @@ from typing import Any, Self
 
 from ..errors import ConfigError
 from .grant import ConsentGrant
-from .keys import IssuerKey, KeySet
+from .keys import IssuerKey, KeySet, TrustedIssuers
 from .status import StaticStatusListSource, TokenStatus, issue_status_list_token
 from .store import ConsentStore, LedgerEntry
 from .tokens import issue_consent_token
@@ -54,6 +54,11 @@ class ConsentAuthority:
     def keys(self) -> KeySet:
         """The public key set verifiers pin (``[consent] jwks``)."""
         return KeySet.of(self.key)
+
+    @property
+    def trusted(self) -> TrustedIssuers:
+        """:attr:`keys` pinned for :attr:`issuer` (what a verifier of this registry holds)."""
+        return TrustedIssuers({self.issuer: self.keys})
 
     def jwks(self) -> dict[str, Any]:
         return self.keys.to_jwks()
@@ -97,7 +102,7 @@ class ConsentAuthority:
         """Sign the current status list and publish it to :attr:`source`; returns it."""
         status_list = await self.store.status_list(self.status_uri)
         token = issue_status_list_token(status_list, self.key, uri=self.status_uri,
-                                        ttl_s=self.status_ttl_s)
+                                        ttl_s=self.status_ttl_s, issuer=self.issuer)
         self.source.publish(self.status_uri, token)
         return token
 

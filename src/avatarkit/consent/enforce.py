@@ -22,7 +22,7 @@ from ..catalog import Avatar
 from ..errors import ConfigError, ConsentCheck, ConsentOutOfScope, ConsentViolation
 from ..providers.base import ProviderProfile
 from .grant import Channel, Modality
-from .keys import KeySet
+from .keys import KeySet, TrustedIssuers
 from .status import (
     FileStatusListSource,
     HttpStatusListSource,
@@ -53,6 +53,23 @@ class _ConfiguredStatusSource(StatusListSource):
             return await self._http.fetch(uri)
         raise LookupError(f"no source for status list {uri!r}: map it under "
                           "[consent.status_lists] or use an http(s) URI")
+
+
+def trusted_issuers(config: ConsentConfig) -> TrustedIssuers:
+    """``[consent]``'s issuers, each with the key set pinned for it (``jwks``)."""
+    sets: dict[str, KeySet] = {}
+    single = not isinstance(config.jwks, dict) or "keys" in config.jwks  # one JWKS, one issuer
+    for issuer, jwks in config.jwks_by_issuer().items():
+        field = "consent.jwks" if single else f"consent.jwks.{issuer}"
+        try:
+            sets[issuer] = KeySet.load(jwks) if isinstance(jwks, Path) \
+                else KeySet.from_jwks(jwks)
+        except ConfigError as exc:
+            raise ConfigError(str(exc), field=field) from None
+    try:
+        return TrustedIssuers(sets)
+    except ConfigError as exc:
+        raise ConfigError(str(exc), field="consent.jwks") from None
 
 
 class ConsentRouteConstraint:
@@ -103,11 +120,7 @@ class ConsentGate:
         store: ConsentStore | None = None,
         clock: Callable[[], float] = time.time,
     ) -> ConsentGate:
-        try:
-            keys = KeySet.load(config.jwks) if isinstance(config.jwks, Path) \
-                else KeySet.from_jwks(config.jwks)
-        except ConfigError as exc:
-            raise ConfigError(str(exc), field="consent.jwks") from None
+        keys = trusted_issuers(config)
         source = status_source or _ConfiguredStatusSource(config.status_lists, http)
         checker = StatusChecker(keys, source, max_age_s=config.max_status_age_s, clock=clock)
         owns_store = store is None
@@ -117,8 +130,8 @@ class ConsentGate:
                                "generation log are kept in memory and lost at exit")
             store = SQLiteConsentStore(config.store or ":memory:")
         verifier = ConsentVerifier(
-            keys, issuers=config.issuers, audience=config.audience, status=checker,
-            replay=store, leeway_s=config.leeway_s, clock=clock)
+            keys, audience=config.audience, status=checker, replay=store,
+            leeway_s=config.leeway_s, clock=clock)
         return cls(verifier, store, recheck_interval_s=config.recheck_interval_s,
                    owns_store=owns_store)
 

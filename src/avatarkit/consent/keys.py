@@ -6,6 +6,14 @@ verifier never learns keys from a token (no ``jku``/``jwk``/``x5u``): it holds a
 the key's RFC 7638 JWK thumbprint, so a ``kid`` cannot be reused for a different key by
 mistake, and rotation is simply several kids in the set.
 
+A key is trusted *for an issuer*: :class:`TrustedIssuers` maps each trusted ``iss`` to the
+key set pinned for it, and a token or status list of one issuer signed with another issuer's
+key does not verify (a deployment that trusts registries A and B must not let B speak for A).
+
+Parsing is strict: a header or payload with a member name twice, or with the non-JSON
+constants ``NaN``/``Infinity``, is malformed (two parsers that keep different duplicates would
+read different claims from the same signed bytes).
+
 Private key material never appears in a ``repr``, a log line or an exception message.
 """
 
@@ -18,7 +26,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,6 +40,7 @@ from ..errors import ConfigError, ConsentCheck, InvalidConsentToken
 __all__ = [
     "IssuerKey",
     "KeySet",
+    "TrustedIssuers",
     "jwk_thumbprint",
 ]
 
@@ -295,6 +304,70 @@ class KeySet:
         return f"KeySet(kids={list(self._keys)!r})"
 
 
+class TrustedIssuers(Mapping[str, KeySet]):
+    """The trusted consent issuers, each with the keys pinned for it: ``iss`` -> :class:`KeySet`.
+
+    A token (or a status list) is verified with the keys of *its* issuer only. One key set
+    shared by several issuers would let each of them sign tokens and status lists in the
+    others' names, so the binding is explicit; the same key may still be pinned for two
+    issuers on purpose by listing it in both sets.
+
+        trusted = TrustedIssuers({"https://consent.acme.example": KeySet.load("acme.jwks"),
+                                  "https://consent.partner.example": KeySet.load("p.jwks")})
+    """
+
+    __slots__ = ("_sets",)
+
+    def __init__(self, issuers: Mapping[str, KeySet]) -> None:
+        if isinstance(issuers, KeySet) or not isinstance(issuers, Mapping) or not issuers:
+            raise ConfigError("must map each trusted issuer (iss) to the KeySet pinned for it",
+                              field="issuers")
+        sets: dict[str, KeySet] = {}
+        for issuer, keys in issuers.items():
+            if not isinstance(issuer, str) or not issuer:
+                raise ConfigError("issuer names must be non-empty strings", field="issuers")
+            if not isinstance(keys, KeySet):
+                raise ConfigError("expected a KeySet", field=f"issuers[{issuer}]")
+            if not len(keys):
+                raise ConfigError("pins no key: nothing this issuer signs could verify",
+                                  field=f"issuers[{issuer}]")
+            sets[issuer] = keys
+        self._sets = sets
+
+    @classmethod
+    def bind(cls, keys: KeySet, issuers: Iterable[str]) -> TrustedIssuers:
+        """``keys`` pinned for the one issuer in ``issuers``. Several issuers are refused: one
+        set for all of them is exactly the cross-issuer trust this class exists to stop."""
+        names = [issuers] if isinstance(issuers, str) else list(issuers)
+        if len(names) != 1:
+            raise ConfigError(
+                f"one key set cannot be pinned for {len(names)} issuers (each could sign in "
+                "the others' names); give each issuer its own: TrustedIssuers({issuer: "
+                "KeySet}) or [consent.jwks] \"<issuer>\" = \"<jwks file>\"", field="jwks")
+        return cls({names[0]: keys})
+
+    def keys_for(self, issuer: object) -> KeySet:
+        """The key set pinned for ``issuer``; :class:`InvalidConsentToken` (check ISSUER) if
+        the issuer is not trusted."""
+        found = self._sets.get(issuer) if isinstance(issuer, str) else None
+        if found is None:
+            raise InvalidConsentToken("the issuer is not trusted", check=ConsentCheck.ISSUER)
+        return found
+
+    def __getitem__(self, issuer: str) -> KeySet:
+        return self._sets[issuer]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sets)
+
+    def __len__(self) -> int:
+        return len(self._sets)
+
+    def __repr__(self) -> str:
+        return "TrustedIssuers({" + ", ".join(f"{iss!r}: {keys!r}"
+                                              for iss, keys in self._sets.items()) + "})"
+
+
 class CompactJws(NamedTuple):
     """A compact JWS split and decoded, signature not yet checked."""
 
@@ -322,7 +395,10 @@ def parse_compact(token: object) -> CompactJws:
     decoded: list[dict[str, Any]] = []
     for name, part in zip(("header", "payload"), parts[:2], strict=True):
         try:
-            value = json.loads(unb64url(part))
+            value = json.loads(unb64url(part), object_pairs_hook=_unique_members,
+                               parse_constant=_no_constant)
+        except _DuplicateMember as exc:
+            raise ValueError(f"the {name} has the member {exc} more than once") from None
         except (ValueError, RecursionError):
             raise ValueError(f"the {name} is not base64url JSON") from None
         if not isinstance(value, dict):
@@ -331,6 +407,26 @@ def parse_compact(token: object) -> CompactJws:
     if not _B64URL.fullmatch(parts[2]) or len(parts[2]) % 4 == 1:
         raise ValueError("the signature is not base64url")
     return CompactJws(decoded[0], decoded[1])
+
+
+class _DuplicateMember(ValueError):
+    """A JSON object names a member twice (its ``str`` is the name, shortened)."""
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` that refuses duplicate member names (RFC 7515 section 5.2:
+    a JWS with duplicate header names must be rejected; the same reasoning holds for claims,
+    where ``json.loads`` would silently keep the last value)."""
+    out: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in out:
+            raise _DuplicateMember(repr(name[:32] + ("..." if len(name) > 32 else "")))
+        out[name] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def signature_valid(token: str, key: Ed25519PublicKey) -> bool:

@@ -5,9 +5,12 @@ suspended), LSB-first within each byte, zlib-compressed and base64url-encoded wi
 padding (``lst``).
 
 The list travels as a signed ``statuslist+jwt`` (claims ``sub`` = the list's URI, ``iat``,
-``exp``, ``ttl``, ``status_list{bits, lst}``). :class:`StatusChecker` fetches it from a
-:class:`StatusListSource`, verifies it against the pinned :class:`~.keys.KeySet`, caches it
-for its ``ttl`` and fails closed once the newest valid copy is older than ``max_age_s``.
+``exp``, ``ttl``, ``status_list{bits, lst}``, and ``iss`` in the lists avatarkit signs).
+:class:`StatusChecker` fetches it from a :class:`StatusListSource`, verifies it against the
+keys pinned for the issuer of the token asking (:class:`~.keys.TrustedIssuers`: a list for
+registry A's URI signed by registry B's key is refused, or B could un-revoke A's consents),
+caches it for its ``ttl`` and fails closed once the newest valid copy is older than
+``max_age_s``.
 """
 
 from __future__ import annotations
@@ -27,9 +30,17 @@ from typing import Any
 
 import httpx
 
-from ..errors import ConsentCheck, ConsentStatusUnavailable
+from ..errors import ConfigError, ConsentCheck, ConsentStatusUnavailable, InvalidConsentToken
 from .grant import StatusReference
-from .keys import ALGORITHM, MAX_JWS_LENGTH, IssuerKey, KeySet, parse_compact, signature_valid
+from .keys import (
+    ALGORITHM,
+    MAX_JWS_LENGTH,
+    IssuerKey,
+    KeySet,
+    TrustedIssuers,
+    parse_compact,
+    signature_valid,
+)
 
 __all__ = [
     "STATUS_LIST_TYPE",
@@ -127,20 +138,27 @@ class StatusList:
 
 def issue_status_list_token(status_list: StatusList, key: IssuerKey, *, uri: str,
                             issued_at: float | None = None, ttl_s: int = 300,
-                            expires_in_s: int = 86400) -> str:
+                            expires_in_s: int = 86400, issuer: str | None = None) -> str:
     """Sign ``status_list`` as a ``statuslist+jwt`` for ``uri``.
 
     ``ttl`` tells checkers how long they may cache it before fetching again; ``exp`` is the
     hard end after which no checker uses it, so a publisher that stops publishing makes
-    verifiers fail closed instead of trusting an old list forever.
+    verifiers fail closed instead of trusting an old list forever. ``issuer`` (the ``iss`` of
+    the tokens the list answers for) is written as ``iss``; checkers refuse a list whose
+    ``iss`` names another issuer than the token's.
     """
     if not uri:
         raise ValueError("a status list needs its uri (the sub claim)")
     if ttl_s <= 0 or expires_in_s <= 0:
         raise ValueError("ttl_s and expires_in_s must be positive")
+    if issuer is not None and not issuer:
+        raise ValueError("issuer must not be empty")
     iat = int(time.time() if issued_at is None else issued_at)
-    claims = {"sub": uri, "iat": iat, "exp": iat + expires_in_s, "ttl": ttl_s,
-              "status_list": {"bits": status_list.bits, "lst": status_list.encode()}}
+    claims: dict[str, Any] = {"sub": uri, "iat": iat, "exp": iat + expires_in_s, "ttl": ttl_s,
+                              "status_list": {"bits": status_list.bits,
+                                              "lst": status_list.encode()}}
+    if issuer is not None:
+        claims["iss"] = issuer
     return key.sign(claims, typ=STATUS_LIST_TYPE)
 
 
@@ -240,6 +258,10 @@ class _InvalidList(Exception):
     """A fetched list that must not be used (signature, type, claims, expiry...)."""
 
 
+#: a cached list is one issuer's statement about one URI (issuer None: a single-set checker)
+_ListKey = tuple[str | None, str]
+
+
 @dataclass(frozen=True, slots=True)
 class _CachedList:
     status_list: StatusList
@@ -269,12 +291,14 @@ class StatusChecker:
     * one verified list cached per URI, refetched once its ``ttl`` (else ``default_ttl_s``)
       has passed, and never used past its ``exp`` or more than ``max_age_s`` after its
       ``iat``;
-    * every fetched list is verified: ``alg`` EdDSA, ``typ`` statuslist+jwt, a pinned
-      ``kid``, the signature, ``sub`` equal to the URI asked for (a validly signed list for
-      another URI must not answer for this one), ``exp`` not passed, ``iat`` not ahead of
-      this clock by more than ``MAX_FUTURE_IAT_S``, ``bits`` in 1/2/4/8; a list older than
-      the newest one seen for the URI is refused (rollback to a pre-revocation list), even
-      after :meth:`invalidate`;
+    * every fetched list is verified: ``alg`` EdDSA, ``typ`` statuslist+jwt, a ``kid``
+      pinned *for the issuer of the token asking* (with :class:`TrustedIssuers`; a plain
+      :class:`KeySet` serves a single-issuer deployment), the signature, an ``iss`` (when the
+      list has one) equal to that issuer, ``sub`` equal to the URI asked for (a validly
+      signed list for another URI must not answer for this one), ``exp`` not passed,
+      ``iat`` not ahead of this clock by more than ``MAX_FUTURE_IAT_S``, ``bits`` in
+      1/2/4/8; a list older than the newest one seen for the URI is refused (rollback to a
+      pre-revocation list), even after :meth:`invalidate`;
     * if a refetch fails but the cached list is still within ``max_age_s`` (and before its
       ``exp``), the cache answers and a warning is logged; the source is then retried after
       ``retry_after_s`` rather than on every check;
@@ -282,28 +306,40 @@ class StatusChecker:
       out, ``STATUS_UNAVAILABLE`` when there never was a valid list (or the index is not in
       it);
     * one fetch per URI at a time: concurrent checks wait for the fetch in flight.
+
+    Lists are cached per (issuer, URI): a list verified for one issuer never answers for
+    another.
     """
 
-    def __init__(self, keys: KeySet, source: StatusListSource, *, max_age_s: float = 86400,
+    def __init__(self, keys: TrustedIssuers | KeySet, source: StatusListSource, *,
+                 max_age_s: float = 86400,
                  clock: Callable[[], float] = time.time, default_ttl_s: float = 300.0,
                  retry_after_s: float = 30.0) -> None:
         if max_age_s <= 0 or default_ttl_s <= 0 or retry_after_s < 0:
             raise ValueError("max_age_s and default_ttl_s must be positive, retry_after_s "
                              "not negative")
-        self._keys = keys
+        self._trust = keys
         self._source = source
         self._max_age = max_age_s
         self._clock = clock
         self._default_ttl = default_ttl_s
         self._retry_after = retry_after_s
-        self._cache: dict[str, _CachedList] = {}
-        self._retry_at: dict[str, float] = {}
-        self._newest_iat: dict[str, float] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._cache: dict[_ListKey, _CachedList] = {}
+        self._retry_at: dict[_ListKey, float] = {}
+        self._newest_iat: dict[_ListKey, float] = {}
+        self._locks: dict[_ListKey, asyncio.Lock] = {}
 
-    async def status(self, ref: StatusReference, *,
+    @property
+    def issuer_bound(self) -> bool:
+        """Whether keys are pinned per issuer (:class:`TrustedIssuers`), not one shared set."""
+        return isinstance(self._trust, TrustedIssuers)
+
+    async def status(self, ref: StatusReference, *, issuer: str | None = None,
                      max_cache_age_s: float | None = None) -> TokenStatus:
-        """The status at ``ref.idx`` of the list at ``ref.uri``.
+        """The status at ``ref.idx`` of the list at ``ref.uri``, for a token of ``issuer``.
+
+        ``issuer`` is required when keys are pinned per issuer: the list must be signed by a
+        key of the token's own issuer (a list is a statement *by* that issuer).
 
         ``max_cache_age_s`` shortens the cache for this call: a list fetched longer ago than
         that is fetched again (live sessions re-checking every few minutes pass their
@@ -312,7 +348,7 @@ class StatusChecker:
         Values without a meaning in :class:`TokenStatus` (4- and 8-bit lists) come back as
         ``APPLICATION_SPECIFIC``: an unknown status never reads as valid.
         """
-        entry = await self._current(ref.uri, max_cache_age_s)
+        entry = await self._current(ref.uri, issuer, max_cache_age_s)
         if ref.idx >= len(entry.status_list):
             raise ConsentStatusUnavailable(
                 f"status index {ref.idx} is outside the list at {ref.uri} "
@@ -327,45 +363,59 @@ class StatusChecker:
         """Forget the cached list for ``uri`` (all lists when None): the next check fetches.
         Use after a revocation this process made itself, so it takes effect at once. The
         newest ``iat`` seen is kept, so an invalidation cannot open a rollback window."""
-        if uri is None:
-            self._cache.clear()
-            self._retry_at.clear()
-        else:
-            self._cache.pop(uri, None)
-            self._retry_at.pop(uri, None)
+        for key in [k for k in self._cache if uri is None or k[1] == uri]:
+            del self._cache[key]
+        for key in [k for k in self._retry_at if uri is None or k[1] == uri]:
+            del self._retry_at[key]
+
+    def _keys_for(self, issuer: str | None) -> KeySet:
+        if isinstance(self._trust, KeySet):
+            return self._trust
+        if issuer is None:
+            raise ConfigError("this checker pins keys per issuer: pass the token's issuer",
+                              field="issuer")
+        try:
+            return self._trust.keys_for(issuer)
+        except InvalidConsentToken:
+            raise ConsentStatusUnavailable(
+                "no keys are pinned for the issuer of this token's status list",
+                check=ConsentCheck.STATUS_UNAVAILABLE) from None
 
     def _usable(self, entry: _CachedList, now: float) -> bool:
         return now - entry.iat <= self._max_age and (entry.exp is None or now < entry.exp)
 
-    def _fresh(self, entry: _CachedList | None, now: float, uri: str,
+    def _fresh(self, entry: _CachedList | None, now: float, key: _ListKey,
                max_cache_age: float | None) -> bool:
         if entry is None or not self._usable(entry, now):
             return False
         ttl = entry.ttl if max_cache_age is None else min(entry.ttl, max_cache_age)
-        return now < entry.fetched_at + ttl or now < self._retry_at.get(uri, -math.inf)
+        return now < entry.fetched_at + ttl or now < self._retry_at.get(key, -math.inf)
 
-    async def _current(self, uri: str, max_cache_age: float | None) -> _CachedList:
-        entry = self._cache.get(uri)
-        if entry is not None and self._fresh(entry, self._clock(), uri, max_cache_age):
+    async def _current(self, uri: str, issuer: str | None,
+                       max_cache_age: float | None) -> _CachedList:
+        keys = self._keys_for(issuer)
+        key: _ListKey = (issuer if self.issuer_bound else None, uri)
+        entry = self._cache.get(key)
+        if entry is not None and self._fresh(entry, self._clock(), key, max_cache_age):
             return entry
-        lock = self._locks.setdefault(uri, asyncio.Lock())
+        lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             # another check may have refreshed the list while this one waited for the lock
-            entry = self._cache.get(uri)
+            entry = self._cache.get(key)
             now = self._clock()
-            if entry is not None and self._fresh(entry, now, uri, max_cache_age):
+            if entry is not None and self._fresh(entry, now, key, max_cache_age):
                 return entry
             try:
                 token = await self._source.fetch(uri)
-                fetched = self._verify(token, uri, self._clock())
-                if fetched.iat < self._newest_iat.get(uri, -math.inf):
+                fetched = self._verify(token, uri, keys, issuer, self._clock())
+                if fetched.iat < self._newest_iat.get(key, -math.inf):
                     raise _InvalidList("the fetched list is older than one already seen")
             except Exception as exc:
                 reason = str(exc) if isinstance(exc, _InvalidList) else \
                     f"fetch failed ({type(exc).__name__})"
                 now = self._clock()
                 if entry is not None and self._usable(entry, now):
-                    self._retry_at[uri] = now + self._retry_after
+                    self._retry_at[key] = now + self._retry_after
                     logger.warning("status list %s: %s; using the cached list issued %.0f s "
                                    "ago", uri, reason, now - entry.iat)
                     return entry
@@ -376,12 +426,13 @@ class StatusChecker:
                         check=ConsentCheck.STATUS_STALE) from None
                 raise ConsentStatusUnavailable(f"status list {uri} unavailable: {reason}",
                                                check=ConsentCheck.STATUS_UNAVAILABLE) from None
-            self._cache[uri] = fetched
-            self._newest_iat[uri] = fetched.iat
-            self._retry_at.pop(uri, None)
+            self._cache[key] = fetched
+            self._newest_iat[key] = fetched.iat
+            self._retry_at.pop(key, None)
             return fetched
 
-    def _verify(self, token: str, uri: str, now: float) -> _CachedList:
+    def _verify(self, token: str, uri: str, keys: KeySet, issuer: str | None,
+                now: float) -> _CachedList:
         try:
             header, claims = parse_compact(token)
         except ValueError as exc:
@@ -391,10 +442,15 @@ class StatusChecker:
         if header.get("typ") != STATUS_LIST_TYPE:
             raise _InvalidList(f"list typ is not {STATUS_LIST_TYPE}")
         kid = header.get("kid")
-        if not isinstance(kid, str) or kid not in self._keys:
-            raise _InvalidList("list signed by a key that is not pinned")
-        if not signature_valid(token, self._keys.get(kid)):
+        if not isinstance(kid, str) or kid not in keys:
+            raise _InvalidList("list signed by a key that is not pinned for the token's "
+                               "issuer" if self.issuer_bound else
+                               "list signed by a key that is not pinned")
+        if not signature_valid(token, keys.get(kid)):
             raise _InvalidList("list signature does not verify")
+        if "iss" in claims and (not isinstance(claims["iss"], str) or
+                                (issuer is not None and claims["iss"] != issuer)):
+            raise _InvalidList("list iss is not the token's issuer")
         if claims.get("sub") != uri:
             raise _InvalidList("list sub is not the uri it was fetched for")
         iat: Any = claims.get("iat")

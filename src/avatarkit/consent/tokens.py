@@ -10,11 +10,12 @@ No display name or other personal data goes in: tokens travel to vendors and log
 
 :class:`ConsentVerifier` checks a token in a fixed order, each step raising one
 :class:`~avatarkit.errors.ConsentViolation` subclass with a precise ``check``. The order is
-chosen for safety: nothing is decided from the payload before the header's algorithm, type
-and key are known good and the signature verifies, and the algorithm is judged from the
-header before any key is touched (so the HS256-with-the-public-key-as-secret confusion
-cannot reach a MAC routine). Error messages and log lines never contain the token text;
-logs name at most the consent id.
+chosen for safety: the algorithm is judged from the header before any key is touched (so the
+HS256-with-the-public-key-as-secret confusion cannot reach a MAC routine); the only thing
+read from the payload before the signature verifies is ``iss``, to pick the keys pinned for
+that issuer (:class:`~.keys.TrustedIssuers`), so a token re-signed with another trusted
+issuer's key does not verify; every other claim is judged after the signature. Error
+messages and log lines never contain the token text; logs name at most the consent id.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from ..errors import (
     InvalidConsentToken,
 )
 from .grant import ANY, Channel, ConsentGrant, Modality, StatusReference
-from .keys import ALGORITHM, IssuerKey, KeySet, parse_compact, signature_valid
+from .keys import ALGORITHM, IssuerKey, KeySet, TrustedIssuers, parse_compact, signature_valid
 from .status import StatusChecker, TokenStatus
 
 __all__ = [
@@ -325,10 +326,14 @@ def _when(seconds: float) -> datetime:
 
 
 class ConsentVerifier:
-    """Verifies consent tokens against pinned keys, trusted issuers, this deployment's
+    """Verifies consent tokens against the keys pinned for their issuer, this deployment's
     audience, the clock, the request, the status list and (single use) a replay guard.
 
     Verification is offline: only the status source may touch the network.
+
+    ``keys`` is a :class:`~.keys.TrustedIssuers` (each trusted issuer with its own key set),
+    or a :class:`KeySet` together with ``issuers`` naming exactly one issuer. With several
+    issuers, the status checker must pin keys per issuer too.
 
     ``require_status`` (default) refuses tokens without a status reference: a consent that
     cannot be revoked is not one. It needs a ``status`` checker. With
@@ -338,15 +343,16 @@ class ConsentVerifier:
     :class:`ConsentReplayed` (fail closed, and a policy refusal the caller already handles,
     rather than a config error that might be retried elsewhere).
 
-    ``leeway_s`` tolerates issuer clocks slightly ahead for ``nbf`` only; ``exp`` is exact:
-    consent ends when it says.
+    ``leeway_s`` tolerates issuer clocks slightly ahead for ``nbf`` and ``iat`` (a token
+    issued further in the future is refused: its issuer's clock is wrong, or it was minted to
+    outlive a revocation); ``exp`` is exact: consent ends when it says.
     """
 
     def __init__(
         self,
-        keys: KeySet,
+        keys: TrustedIssuers | KeySet,
         *,
-        issuers: Collection[str],
+        issuers: Collection[str] | None = None,
         audience: str,
         status: StatusChecker | None,
         replay: ReplayGuard | None = None,
@@ -354,17 +360,28 @@ class ConsentVerifier:
         leeway_s: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if isinstance(issuers, str) or not issuers or \
-                any(not isinstance(i, str) or not i for i in issuers):
+        if issuers is not None and (isinstance(issuers, str) or not issuers or
+                                    any(not isinstance(i, str) or not i for i in issuers)):
             raise ConfigError("must be a non-empty collection of issuer names", field="issuers")
+        if isinstance(keys, KeySet):
+            if issuers is None:
+                raise ConfigError("name the issuer the key set is pinned for",
+                                  field="issuers")
+            keys = TrustedIssuers.bind(keys, issuers)
+        elif issuers is not None and frozenset(issuers) != frozenset(keys):
+            raise ConfigError("must be the issuers of the TrustedIssuers (or left out)",
+                              field="issuers")
+        if status is not None and not status.issuer_bound and len(keys) > 1:
+            raise ConfigError("the status checker shares one key set among several issuers "
+                              "(each could publish lists for the others): give it the "
+                              "TrustedIssuers", field="status")
         if not audience:
             raise ConfigError("must name this deployment", field="audience")
         if require_status and status is None:
             raise ConfigError("require_status needs a StatusChecker", field="status")
         if leeway_s < 0:
             raise ConfigError("must not be negative", field="leeway_s")
-        self._keys = keys
-        self._issuers = frozenset(issuers)
+        self._trusted = keys
         self._audience = audience
         self._status = status
         self._replay = replay
@@ -400,10 +417,16 @@ class ConsentVerifier:
         if self._clock() >= verified.expires_at.timestamp():
             raise ConsentExpired("the consent token has expired", check=ConsentCheck.EXPIRED,
                                  consent_id=cid)
-        status = await self._check_status(verified.status_ref, cid, fresh_within_s)
+        status = await self._check_status(verified.status_ref, verified.issuer, cid,
+                                          fresh_within_s)
         return TokenStatus.VALID if status is None else status
 
-    async def _check_status(self, ref: StatusReference | None, cid: str,
+    @property
+    def issuers(self) -> frozenset[str]:
+        """The trusted issuers."""
+        return frozenset(self._trusted)
+
+    async def _check_status(self, ref: StatusReference | None, issuer: str, cid: str,
                             fresh_within_s: float | None = None) -> TokenStatus | None:
         """The checked status, or None when status checking is off for this token."""
         if ref is None:
@@ -415,7 +438,8 @@ class ConsentVerifier:
         if self._status is None:
             return None
         try:
-            status = await self._status.status(ref, max_cache_age_s=fresh_within_s)
+            status = await self._status.status(ref, issuer=issuer,
+                                               max_cache_age_s=fresh_within_s)
         except ConsentStatusUnavailable as exc:
             exc.consent_id = cid
             raise
@@ -448,28 +472,39 @@ class ConsentVerifier:
         if header.get("typ") != CONSENT_TOKEN_TYPE:
             raise InvalidConsentToken(f"typ is not {CONSENT_TOKEN_TYPE}",
                                       check=ConsentCheck.TYPE, consent_id=cid)
+        # 3. the keys pinned for the token's issuer (iss read unverified, only to pick them)
+        iss = claims.get("iss")
+        if not isinstance(iss, str) or not iss:
+            raise InvalidConsentToken("claim iss is missing or not a non-empty string",
+                                      check=ConsentCheck.CLAIMS, consent_id=cid)
+        try:
+            keys = self._trusted.keys_for(iss)
+        except InvalidConsentToken as exc:
+            exc.consent_id = cid
+            raise
         kid = header.get("kid")
-        if not isinstance(kid, str) or kid not in self._keys:
-            raise InvalidConsentToken("kid is missing or not a pinned issuer key",
-                                      check=ConsentCheck.KEY, consent_id=cid)
+        if not isinstance(kid, str) or kid not in keys:
+            raise InvalidConsentToken("kid is missing or not a key pinned for the token's "
+                                      "issuer", check=ConsentCheck.KEY, consent_id=cid)
 
-        # 3. signature (PyJWT, EdDSA only, the pinned key object)
-        if not signature_valid(token, self._keys.get(kid)):
+        # 4. signature (PyJWT, EdDSA only, the pinned key object)
+        if not signature_valid(token, keys.get(kid)):
             raise InvalidConsentToken("the signature does not verify",
                                       check=ConsentCheck.SIGNATURE, consent_id=cid)
 
-        # 4. claims present and well-typed
+        # 5. claims present and well-typed
         c = self._claims(claims, cid)
         cid = c.consent_id
 
-        # 5. issuer, audience, validity window
-        if c.issuer not in self._issuers:
-            raise InvalidConsentToken("the issuer is not trusted", check=ConsentCheck.ISSUER,
-                                      consent_id=cid)
+        # 6. audience, issue time, validity window
         if self._audience not in c.audience:
             raise InvalidConsentToken("the token is not for this audience",
                                       check=ConsentCheck.AUDIENCE, consent_id=cid)
         now = self._clock()
+        if c.issued_at.timestamp() > now + self._leeway:
+            raise InvalidConsentToken("the token was issued in the future (iat ahead of this "
+                                      "clock by more than the leeway)",
+                                      check=ConsentCheck.ISSUED_AT, consent_id=cid)
         if c.not_before.timestamp() > now + self._leeway:
             raise ConsentExpired("the consent token is not valid yet",
                                  check=ConsentCheck.NOT_YET_VALID, consent_id=cid)
@@ -477,18 +512,18 @@ class ConsentVerifier:
             raise ConsentExpired("the consent token has expired", check=ConsentCheck.EXPIRED,
                                  consent_id=cid)
 
-        # 6. the consent record it claims to stand for
+        # 7. the consent record it claims to stand for
         if record is not None and (record.consent_id != c.consent_id
                                    or record.record_hash() != c.record_hash):
             raise InvalidConsentToken("the token was not issued for this consent record",
                                       check=ConsentCheck.RECORD, consent_id=cid)
 
-        # 7. scope against the request
+        # 8. scope against the request
         if request is not None:
             self._check_request(c, request)
 
-        # 8. revocation status, 9. single use
-        status = await self._check_status(c.status_ref, cid)
+        # 9. revocation status, 10. single use
+        status = await self._check_status(c.status_ref, c.issuer, cid)
         if c.single_use:
             if self._replay is None:
                 raise ConsentReplayed("single-use token, but this verifier has no replay "
