@@ -177,7 +177,7 @@ def test_vendor_emulator_demo_runs_end_to_end() -> None:
     out = result.stdout
     for expected in ("consent    cns_", "-> tavus", "signed notice verified", "session_started",
                      "speech_started", "speech_ended", "interrupted", "consent_revoked",
-                     "reason=consent revoked", "refused    a new session with the same token: "
+                     "reason=consent_revoked", "refused    a new session with the same token: "
                      "revoked", "session_started", "status_check", "closed", "billed",
                      "0 open sessions"):
         assert expected in out, expected

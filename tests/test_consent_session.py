@@ -287,7 +287,7 @@ async def test_revocation_ends_a_live_session_within_the_interval(
         elapsed, kinds, closed = await _live_session_ends(kit, withdraw)
         assert elapsed <= interval + 1.0, f"ended after {elapsed:.2f} s"
         assert kinds.index("consent_revoked") < kinds.index("closed")
-        assert closed.reason == f"consent {'revoked' if change == 'revoke' else 'suspended'}"
+        assert closed.reason == f"consent_{'revoked' if change == 'revoke' else 'suspended'}"
         assert closed.vendor_ended
         log = await kit.consent_store.generations(CONSENT_GRANT.consent_id)
         assert log[-1].kind == "session_ended"
@@ -336,7 +336,7 @@ async def test_an_unverifiable_status_ends_a_live_session_fail_closed(
 
     async with kit:
         elapsed, kinds, closed = await _live_session_ends(kit, break_registry)
-    assert closed.reason in ("consent status_stale", "consent status_unavailable")
+    assert closed.reason == "consent_unverifiable"
     assert "consent_revoked" not in kinds  # not revoked: unknown, which also ends it
     assert elapsed <= 1.0 + 0.3 + 1.0
     assert tavus_emulator.open_sessions == 0
@@ -352,7 +352,7 @@ async def test_a_consent_that_expires_ends_the_live_session(
     async with make_kit(consent={"recheck_interval_s": 60, "leeway_s": 0}) as kit, \
             kit.session("amelia", consent=token, purpose="support") as s:
         closed = await next_event(s.events(), "closed", within=5.0)
-        assert isinstance(closed, Closed) and closed.reason == "consent expired"
+        assert isinstance(closed, Closed) and closed.reason == "consent_expired"
         # the token's exp is whole seconds, at or before the grant's expires_at
         assert time.time() >= s.consent.expires_at.timestamp()
         assert s.consent.expires_at <= grant.expires_at
@@ -432,3 +432,27 @@ def test_consent_config_binds_each_issuer_to_its_own_keys(tmp_path: Any) -> None
     with pytest.raises(ConfigError) as info:
         AvatarKit(config)  # the files do not exist: the field names the issuer
     assert info.value.field == "consent.jwks.https://a.example"
+
+
+async def test_an_unexpected_re_check_error_ends_a_live_session_fail_closed(
+        tavus_emulator: TavusEmulator, make_kit: KitFactory,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only consent errors: a re-check that blows up must not leave the session live
+    with nobody watching its consent."""
+    from avatarkit.consent.enforce import ConsentGate
+
+    async with make_kit(consent={"recheck_interval_s": 0.3}) as kit:
+        async def broken(self: ConsentGate, verified: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("a bug in a status backend")
+
+        async def install() -> None:
+            monkeypatch.setattr(ConsentGate, "recheck", broken)
+
+        elapsed, kinds, closed = await _live_session_ends(kit, install)
+        assert closed.reason == "consent_unverifiable"
+        assert "consent_revoked" not in kinds
+        assert elapsed <= 0.3 + 1.0
+        log = await kit.consent_store.generations(CONSENT_GRANT.consent_id)
+        assert any(r.kind == "status_check" and r.status_check == "status_unavailable"
+                   for r in log)
+    assert tavus_emulator.open_sessions == 0

@@ -54,7 +54,6 @@ from .errors import (
     ConsentCheck,
     ConsentOutOfScope,
     ConsentViolation,
-    ConsentWithdrawn,
     MediaFormatError,
     NoRouteError,
     ProviderConnectionError,
@@ -88,9 +87,9 @@ from .routing.policy import RoutingPolicy
 from .routing.router import RouteCandidate, RouteConstraint, RouteDecision
 
 if TYPE_CHECKING:
-    from .consent.enforce import ConsentGate
     from .consent.store import GenerationRecord
     from .consent.tokens import VerifiedConsent
+    from .consent.watch import ConsentLapse, ConsentWatch
     from .kit import AvatarKit
     from .metering.budget import BudgetConstraint, BudgetStatus
 
@@ -243,7 +242,7 @@ class AvatarSession:
         self._end_failure: BaseException | None = None  # last failed attempt to end
         self._verified: VerifiedConsent | None = None
         self._notice: str | None = None
-        self._consent_watch: asyncio.Task[None] | None = None
+        self._consent_watch: ConsentWatch | None = None
         self._budget: BudgetConstraint | None = None
         self._warned: set[str] = set()
 
@@ -355,8 +354,14 @@ class AvatarSession:
         self._start_finished.set()
         if self._state is not SessionState.STARTING:  # aclose() was called while starting
             return
-        self._consent_watch = asyncio.create_task(
-            self._watch_consent(gate, verified), name=f"{self.session_id}-consent")
+        from .consent.watch import ConsentWatch
+
+        async def log_check(status_check: str) -> None:
+            await gate.log(self._record("status_check", status_check=status_check))
+
+        self._consent_watch = ConsentWatch(
+            gate, verified, on_lapse=self._consent_lapsed, on_check=log_check,
+            name=f"{self.session_id}-consent").start()
         self._meter = asyncio.create_task(self._run_meter(), name=f"{self.session_id}-meter")
         self._transition(SessionState.LIVE)
         await gate.log(self._record("session_started", status_check="valid"))
@@ -534,27 +539,19 @@ class AvatarSession:
             **fields,
         })
 
-    async def _watch_consent(self, gate: ConsentGate, verified: VerifiedConsent) -> None:
-        """Re-check the consent every ``recheck_interval_s`` (and at its expiry). A revoked,
-        suspended, expired or unverifiable consent ends the session (fail closed)."""
-        interval = gate.recheck_interval_s
-        while True:
-            until_expiry = verified.expires_at.timestamp() - time.time()
-            await asyncio.sleep(max(0.0, min(interval, until_expiry)))
-            try:
-                status = await gate.recheck(verified)
-            except ConsentViolation as exc:
-                await gate.log(self._record("status_check", status_check=str(exc.check)))
-                if isinstance(exc, ConsentWithdrawn):
-                    self._publish(ConsentRevoked(
-                        session_id=self.session_id, consent_id=verified.consent_id,
-                        status="suspended" if exc.check is ConsentCheck.SUSPENDED
-                        else "revoked"))
-                logger.warning("session %s: consent %s no longer holds (%s); ending",
-                               self.session_id, verified.consent_id, exc.check)
-                self._close_soon(f"consent {exc.check}")
-                return
-            await gate.log(self._record("status_check", status_check=status.name.lower()))
+    def _consent_lapsed(self, lapse: ConsentLapse) -> None:
+        """The consent watch found the consent no longer holds: say so, and end (the reason
+        is one of ``ConsentEndReason``)."""
+        self._publish_withdrawn(lapse)
+        logger.warning("session %s: consent no longer holds (%s); ending", self.session_id,
+                       lapse.error.check)
+        self._close_soon(lapse.reason)
+
+    def _publish_withdrawn(self, lapse: ConsentLapse) -> None:
+        if lapse.withdrawn is not None and self._verified is not None:
+            self._publish(ConsentRevoked(session_id=self.session_id,
+                                         consent_id=self._verified.consent_id,
+                                         status=lapse.withdrawn))
 
     def _close_soon(self, reason: str) -> None:
         """Close from a task of its own (the caller may be a task that closing awaits)."""
@@ -682,11 +679,10 @@ class AvatarSession:
                     [c for c in ranked if c.provider not in self._failed_providers]
                     + [c for c in ranked if c.provider in self._failed_providers])
             except (AvatarKitError, ExceptionGroup) as exc:
-                if isinstance(exc, ConsentWithdrawn) and self._verified is not None:
-                    self._publish(ConsentRevoked(
-                        session_id=self.session_id, consent_id=self._verified.consent_id,
-                        status="suspended" if exc.check is ConsentCheck.SUSPENDED
-                        else "revoked"))
+                if isinstance(exc, ConsentViolation):
+                    from .consent.watch import ConsentLapse
+
+                    self._publish_withdrawn(ConsentLapse.of(exc))
                 logger.error("session %s: failover found no provider: %s", self.session_id, exc)
                 self._vendor_failure = VendorSessionEnded(reason=reason, billing_stopped=True,
                                                           error=error)
@@ -828,7 +824,9 @@ class AvatarSession:
         elif self._state is not SessionState.CLOSING:
             self._transition(SessionState.CLOSING)
         me = asyncio.current_task()
-        for task in (*self._failover_tasks, self._pump, self._consent_watch, self._meter):
+        if self._consent_watch is not None:
+            await self._consent_watch.aclose()
+        for task in (*self._failover_tasks, self._pump, self._meter):
             if task is not None and task is not me and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -526,6 +526,27 @@ async def test_revoking_the_consent_ends_a_live_session(
     assert log[-1].kind == "session_ended"
 
 
+
+async def test_an_unexpected_re_check_error_ends_a_live_session(
+        server: EngineServer, http: httpx.AsyncClient, consent_authority: ConsentAuthority,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server runs the same ConsentWatch as AvatarSession: same reasons, fail closed."""
+    from avatarkit.consent.enforce import ConsentGate
+
+    consent_id, token = await local_grant(consent_authority)
+    info = await create(http, token)
+    async with connect(ws_url(server, info)) as ws:
+        async def broken(self: ConsentGate, verified: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("a bug in a status backend")
+
+        monkeypatch.setattr(ConsentGate, "recheck", broken)
+        message = await next_message(ws, SessionEndedMessage, within=5)
+        assert (message.reason, message.recoverable) == ("consent_unverifiable", False)
+    await wait_for(lambda: server.sessions == 0)
+    log = await consent_authority.store.generations(consent_id)
+    assert any(r.kind == "status_check" and r.status_check == "status_unavailable"
+               for r in log)
+
 async def test_a_session_without_an_audio_socket_ends_when_idle(
         make_server: ServerFactory, token: str) -> None:
     async with make_server(idle_timeout_s=0.3) as served, \

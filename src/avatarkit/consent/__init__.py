@@ -9,6 +9,8 @@
 - :class:`SQLiteConsentStore` is the append-only, hash-chained consent ledger and
   generation log; :class:`ConsentStore` is the interface for other backends.
 - :class:`ConsentAuthority` is a registry in a box: key + store + published status list.
+- :class:`ConsentWatch` re-checks a live use of a consent until it lapses
+  (:class:`ConsentLapse`, with one of the :class:`ConsentEndReason` values).
 
 ``AvatarKit`` enforces all of it in ``kit.session(...)``; see docs/responsible-use.md.
 """
@@ -36,16 +38,20 @@ from .tokens import (
     VerifiedConsent,
     issue_consent_token,
 )
+from .watch import ConsentEndReason, ConsentLapse, ConsentWatch
 
 __all__ = [
     "ChainReport",
     "ConsentAuthority",
+    "ConsentEndReason",
     "ConsentEvidence",
     "ConsentGrant",
+    "ConsentLapse",
     "ConsentRequest",
     "ConsentScope",
     "ConsentStore",
     "ConsentVerifier",
+    "ConsentWatch",
     "FileStatusListSource",
     "GenerationRecord",
     "Grantor",

@@ -86,12 +86,9 @@ from ..errors import (
     AvatarPreparationError,
     ConfigError,
     ConsentCheck,
-    ConsentExpired,
     ConsentOutOfScope,
     ConsentRequired,
-    ConsentStatusUnavailable,
     ConsentViolation,
-    ConsentWithdrawn,
     MediaFormatError,
     SessionStateError,
 )
@@ -120,6 +117,7 @@ from .stream import EngineStream, PlaybackStart, StreamEvent
 if TYPE_CHECKING:
     import httpx
 
+    from ..consent import ConsentLapse, ConsentWatch
     from ..consent.enforce import ConsentGate
     from ..consent.status import StatusListSource
     from ..consent.store import ConsentStore
@@ -267,6 +265,7 @@ class _Session:
     spoken: set[str] = field(default_factory=set)
     ended_event: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    consent_watch: ConsentWatch | None = None
     timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
     ending: asyncio.Task[SessionEnded] | None = None
 
@@ -823,8 +822,7 @@ class EngineServer:
         session.timers["max_duration"] = loop.call_later(
             max_duration, self._end_soon, session, "max_duration", False)
         self._arm_idle(session)
-        session.tasks.append(loop.create_task(self._watch_consent(session),
-                                              name=f"avatarkit-serve-consent-{session_id}"))
+        session.consent_watch = self._watch_consent(session)
         session.tasks.append(loop.create_task(self._watch_engine(session),
                                               name=f"avatarkit-serve-engine-{session_id}"))
         await self._log(session, "session_started", status_check="valid",
@@ -908,6 +906,8 @@ class EngineServer:
                              duration_s=round(duration, 3))
         for name in list(session.timers):
             session.cancel_timer(name)
+        if session.consent_watch is not None:
+            await session.consent_watch.aclose()
         current = asyncio.current_task()
         tasks = [t for t in session.tasks if t is not current]
         for task in tasks:
@@ -942,39 +942,24 @@ class EngineServer:
             session.timers["idle"] = asyncio.get_running_loop().call_later(
                 self.idle_timeout_s, self._end_soon, session, "idle_timeout", False)
 
-    async def _watch_consent(self, session: _Session) -> None:
-        """Re-check the consent every ``recheck_interval_s`` and at its expiry; a consent that
-        no longer holds ends the session (fail closed)."""
-        from ..consent.status import TokenStatus
+    def _watch_consent(self, session: _Session) -> ConsentWatch:
+        """Re-check the consent every ``recheck_interval_s`` and at its expiry (the one
+        :class:`~avatarkit.consent.ConsentWatch`); a consent that no longer holds ends the
+        session, with a ``ConsentEndReason`` as the reason (fail closed)."""
+        from ..consent import ConsentWatch
 
-        gate = self._gate
-        assert gate is not None
-        verified = session.verified
-        while True:
-            until_expiry = verified.expires_at.timestamp() - time.time()
-            await asyncio.sleep(max(0.0, min(gate.recheck_interval_s, until_expiry)))
-            try:
-                status: TokenStatus = await gate.recheck(verified)
-            except Exception as exc:
-                if not isinstance(exc, ConsentViolation):  # fail closed
-                    logger.error("session %s: consent re-check failed: %s",
-                                 session.session_id, type(exc).__name__)
-                    exc = ConsentStatusUnavailable("the consent status could not be checked",
-                                                   check=ConsentCheck.STATUS_UNAVAILABLE,
-                                                   consent_id=verified.consent_id)
-                await self._log(session, "status_check", status_check=str(exc.check))
-                if isinstance(exc, ConsentWithdrawn):
-                    reason = "consent_suspended" if exc.check is ConsentCheck.SUSPENDED \
-                        else "consent_revoked"
-                elif isinstance(exc, ConsentExpired):
-                    reason = "consent_expired"
-                else:
-                    reason = "consent_unverifiable"
-                logger.warning("session %s: consent %s no longer holds (%s); ending",
-                               session.session_id, verified.consent_id, exc.check)
-                self._end_soon(session, reason, recoverable=False)
-                return
-            await self._log(session, "status_check", status_check=status.name.lower())
+        assert self._gate is not None
+
+        async def log_check(status_check: str) -> None:
+            await self._log(session, "status_check", status_check=status_check)
+
+        def lapsed(lapse: ConsentLapse) -> None:
+            logger.warning("session %s: consent no longer holds (%s); ending",
+                           session.session_id, lapse.error.check)
+            self._end_soon(session, lapse.reason, recoverable=False)
+
+        return ConsentWatch(self._gate, session.verified, on_lapse=lapsed, on_check=log_check,
+                            name=f"avatarkit-serve-consent-{session.session_id}").start()
 
     async def _watch_engine(self, session: _Session) -> None:
         try:
