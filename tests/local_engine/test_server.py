@@ -320,6 +320,72 @@ async def test_the_same_idempotency_key_gets_the_same_session(
     await http.delete(f"/v1/sessions/{first.json()['session_id']}")
 
 
+
+async def test_an_idempotent_retry_with_another_consent_token_is_refused(
+        server: EngineServer, http: httpx.AsyncClient, token: str,
+        consent_authority: ConsentAuthority) -> None:
+    body = create_body(token, idempotency_key="attempt-7")
+    first = await http.post("/v1/sessions", json=body)
+    assert first.status_code == 201
+    # someone else's (valid, single-use) token with the same key: no ride on this session
+    _, other = await local_grant(consent_authority, single_use=True)
+    conflict = await http.post("/v1/sessions", json={**body, "consent_token": other})
+    assert conflict.status_code == 409
+    error = conflict.json()["error"]
+    assert (error["type"], error["field"]) == ("idempotency_conflict", "consent_token")
+    assert first.json()["session_id"] not in conflict.text and other not in conflict.text
+    assert server.sessions == 1
+    assert 'avatarkit_sessions_refused_total{reason="idempotency_conflict"} 1' in \
+        server.metrics_text()
+    # the refused token was not spent: it still starts a session of its own
+    assert (await http.post("/v1/sessions", json=create_body(other))).status_code == 201
+    # and the real retry still gets the first session
+    again = await http.post("/v1/sessions", json=body)
+    assert again.status_code == 200 and again.json() == first.json()
+
+
+@pytest.mark.parametrize("nesting", ["body", "field"])
+async def test_a_deeply_nested_body_is_400_not_500(
+        server: EngineServer, http: httpx.AsyncClient, token: str, nesting: str) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    if nesting == "body":
+        content = deep
+    else:
+        content = json.dumps(create_body(token))[:-1] + f', "avatar": {deep}}}'
+    response = await http.post("/v1/sessions", content=content.encode(),
+                               headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request" and error["field"] == "body"
+    assert "recursion" in error["message"]
+    assert server.sessions == 0
+    assert (await http.get("/health")).status_code == 200
+
+
+async def test_errors_quote_client_input_briefly(
+        server: EngineServer, http: httpx.AsyncClient, token: str) -> None:
+    long = "x" * 5000 + "\u001b[31m"
+    extra = await http.post("/v1/sessions", json={**create_body(token), long: 1})
+    assert extra.status_code == 400
+    assert len(extra.text) < 1000 and "x" * 100 not in extra.text and "\x1b" not in extra.text
+    assert extra.json()["error"]["field"].startswith("'xxx")
+    unknown = await http.post("/v1/sessions", json=create_body(token, avatar="y" * 200))
+    assert unknown.status_code == 404 and "y" * 100 not in unknown.text
+    missing = await http.get("/v1/sessions/" + "z" * 5000)
+    assert missing.status_code == 404 and "z" * 100 not in missing.text
+    info = await create(http, token)
+    async with connect(ws_url(server, info)) as ws:
+        for frame in ({"type": long}, {"type": "speak", "utterance_id": "u", long: 1},
+                      {"type": "speak", "utterance_id": long}):
+            await ws.send(json.dumps(frame))
+            message = (await next_message(ws, ErrorMessage)).message
+            assert len(message) < 500 and "x" * 100 not in message, message
+        await ws.send("[" * 100_000)  # deeply nested text frame: an error, socket stays open
+        assert "recursion" in (await next_message(ws, ErrorMessage)).message
+        await ws.send(json.dumps({"type": "clear_buffer"}))
+        await next_message(ws, Cleared)
+    await http.delete(f"/v1/sessions/{info.session_id}")
+
 async def test_a_full_server_answers_503_with_retry_after(
         make_server: ServerFactory, token: str) -> None:
     async with make_server(max_sessions=1) as served, \

@@ -24,6 +24,11 @@ has a key (always when it is bound to anything but loopback):
 Audio binary frames belong to the current utterance: the one named by the last
 :class:`Speak`, or a new one the server names when none is open. Every message the server
 sends is JSON text with a ``type``.
+
+Error bodies and ``error`` messages quote client input only through :func:`quoted` (at most
+``MAX_QUOTED`` characters, escaped) and describe validation failures with
+:func:`validation_problem`, so a client cannot make the server echo megabytes or control
+characters back (into its own logs, or another client's terminal).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError
 
 from ..disclosure.metadata import DisclosureMetadata
 
@@ -51,8 +56,11 @@ __all__ = [
     "SessionEndedMessage",
     "SessionInfo",
     "Speak",
+    "MAX_QUOTED",
     "client_message",
+    "quoted",
     "server_message",
+    "validation_problem",
 ]
 
 API_PREFIX = "/v1"
@@ -65,9 +73,10 @@ class _Model(BaseModel):
 class CreateSession(_Model):
     """``POST /v1/sessions``: start rendering ``avatar`` for ``purpose`` under a consent token."""
 
-    avatar: str = Field(min_length=1, description="The avatar's name at the server.")
+    avatar: str = Field(min_length=1, max_length=200,
+                        description="The avatar's name at the server.")
     consent_token: SecretStr = Field(description="Verified by the server itself.")
-    purpose: str = Field(min_length=1)
+    purpose: str = Field(min_length=1, max_length=200)
     disclosure: DisclosureMetadata = Field(
         description="The client's disclosure record; its generation_id is watermarked into "
         "every frame.")
@@ -185,6 +194,35 @@ ServerMessage = Annotated[
 
 _CLIENT: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
 _SERVER: TypeAdapter[ServerMessage] = TypeAdapter(ServerMessage)
+
+
+#: the most characters of a client's input an error message quotes
+MAX_QUOTED = 64
+
+
+def quoted(value: object, limit: int = MAX_QUOTED) -> str:
+    """``repr`` of a client's string cut to ``limit`` characters (``...`` marks the cut);
+    ``repr`` escapes control characters and quotes, so the result is one printable line."""
+    text = value if isinstance(value, str) else str(value)
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
+def validation_problem(exc: ValidationError) -> tuple[str, str]:
+    """``(where, what)`` of the first problem pydantic found in a client's input, quoting
+    no more of that input than :func:`quoted` does: ``where`` is the dotted location (``""``
+    for the whole body, each part of it quoted when it is long), ``what`` pydantic's
+    message, with a discriminator's tag replaced by the tags it expected."""
+    err = exc.errors(include_input=False, include_url=False)[0]
+    parts = [str(p) if len(str(p)) <= MAX_QUOTED and str(p).isprintable() else quoted(p)
+             for p in err["loc"]]
+    ctx = err.get("ctx") or {}
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        what = f"{ctx.get('discriminator', 'type')} must be one of {ctx.get('expected_tags')}"
+    else:
+        what = err["msg"]
+    if len(what) > 4 * MAX_QUOTED:
+        what = what[:4 * MAX_QUOTED] + "..."
+    return ".".join(parts), what
 
 
 def client_message(text: str | bytes) -> ClientMessage:

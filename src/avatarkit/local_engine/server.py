@@ -22,12 +22,18 @@ Behaviour the protocol leaves open, and what this server chose:
   ``field`` and ``expected``; 401 ``unauthorized``; 403 with the consent exception's class name
   as ``type`` and the failed ``check``; 404 ``not_found`` (unknown avatar, an avatar without a
   ``local`` media path, unknown session); 409 ``idempotency_conflict`` (a key reused for
-  another avatar or purpose); 410 ``session_ended`` on ``GET /v1/sessions/{id}`` of an ended
-  session (with ``reason``); 422 with the avatar preparation error's class name; 503
-  ``at_capacity`` / ``shutting_down`` with ``Retry-After``.
+  another avatar or purpose, or with another consent token); 410 ``session_ended`` on
+  ``GET /v1/sessions/{id}`` of an ended session (with ``reason``); 422 with the avatar
+  preparation error's class name; 503 ``at_capacity`` / ``shutting_down`` with
+  ``Retry-After``.
 * **Idempotency.** A create whose ``idempotency_key`` names an open session (or one being
-  created) answers 200 with that session's :class:`SessionInfo`; the token is not verified a
-  second time and no second engine starts. An ended session's key may be reused.
+  created) answers 200 with that session's :class:`SessionInfo` when it carries the same
+  consent token (compared by SHA-256; it is not verified a second time, so a single-use token
+  survives the retry) and no second engine starts; with another token it is a 409. An ended
+  session's key may be reused.
+* **Client input in errors** is quoted at most ``protocol.MAX_QUOTED`` characters long
+  (:func:`~.protocol.quoted`, :func:`~.protocol.validation_problem`); bodies are parsed by
+  pydantic's JSON parser, whose nesting limit makes a deeply nested body a 400.
 * **Order of checks on create**: body, idempotency, avatar, capacity, consent, engine. The
   capacity check comes before consent so that a single-use token is not spent on a refusal.
 * **Disclosure.** The server signs the client's :class:`DisclosureMetadata` with its notice
@@ -59,9 +65,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import ipaddress
-import json
 import logging
 import math
 import os
@@ -110,6 +116,8 @@ from .protocol import (
     SessionInfo,
     Speak,
     client_message,
+    quoted,
+    validation_problem,
 )
 from .runner import SegmentEnd
 from .stream import EngineStream, PlaybackStart, StreamEvent
@@ -632,20 +640,16 @@ class EngineServer:
             self._refuse("shutting_down")
             return _error(503, "shutting_down", "the server is shutting down",
                           headers={"Retry-After": _RETRY_AFTER})
+        # pydantic's own JSON parser: bounded nesting (a deeply nested body is a 400, where
+        # json.loads would raise RecursionError), strict UTF-8, and one pass to the model
         try:
-            raw = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return self._invalid("body", "a JSON object (CreateSession)",
-                                 "the body is not JSON")
-        if not isinstance(raw, dict):
-            return self._invalid("body", "a JSON object (CreateSession)",
-                                 "the body is not a JSON object")
-        try:
-            body = CreateSession.model_validate(raw)
+            body = CreateSession.model_validate_json(await request.read())
         except ValidationError as exc:
-            err = exc.errors(include_input=False, include_url=False)[0]
-            where = ".".join(str(p) for p in err["loc"]) or "body"
-            return self._invalid(where, err["msg"], f"{where}: {err['msg']}")
+            where, what = validation_problem(exc)
+            if not where:
+                return self._invalid("body", "a JSON object (CreateSession)",
+                                     f"the body is not a JSON object: {what}")
+            return self._invalid(where, what, f"{where}: {what}")
         if body.sample_rate not in SUPPORTED_SAMPLE_RATES:
             rates = ", ".join(str(r) for r in sorted(SUPPORTED_SAMPLE_RATES))
             return self._invalid("sample_rate", f"one of {rates}",
@@ -658,10 +662,11 @@ class EngineServer:
             avatar = self.catalog.get(body.avatar)
         except ConfigError:
             self._refuse("unknown_avatar")
-            return _error(404, "not_found", f"unknown avatar {body.avatar!r}", field="avatar")
+            return _error(404, "not_found", f"unknown avatar {quoted(body.avatar)}",
+                          field="avatar")
         if avatar.local is None:
             self._refuse("unknown_avatar")
-            return _error(404, "not_found", f"avatar {body.avatar!r} has no media at this "
+            return _error(404, "not_found", f"avatar {quoted(body.avatar)} has no media at this "
                           "server ([avatars.NAME] local = \"path\")", field="avatar")
         if len(self._live) + self._creating >= self.max_sessions:
             self._refuse("capacity")
@@ -701,8 +706,16 @@ class EngineServer:
         if session is None:
             return None
         if session.avatar.name != body.avatar or session.purpose != body.purpose:
+            self._refuse("idempotency_conflict")
             return _error(409, "idempotency_conflict", "this idempotency_key names a session "
                           "of another avatar or purpose", field="idempotency_key")
+        presented = hashlib.sha256(body.consent_token.get_secret_value().encode()).hexdigest()
+        if not hmac.compare_digest(presented, session.verified.token_sha256):
+            # a retry carries the same token; another token must be verified on its own, and
+            # must not ride on (or learn of) a session started under someone else's consent
+            self._refuse("idempotency_conflict")
+            return _error(409, "idempotency_conflict", "this idempotency_key names a session "
+                          "started under another consent token", field="consent_token")
         return _json(session.info, status=200)
 
     async def _start_session(self, body: CreateSession,
@@ -876,7 +889,7 @@ class EngineServer:
         if ended is not None:
             return _error(410, "session_ended", f"session {session_id} ended ({ended.reason})",
                           reason=ended.reason, duration_s=ended.duration_s)
-        return _error(404, "not_found", f"no session {session_id!r}")
+        return _error(404, "not_found", f"no session {quoted(session_id)}")
 
     async def _delete(self, request: web.Request) -> web.Response:
         session_id = request.match_info["session_id"]
@@ -887,7 +900,7 @@ class EngineServer:
         tombstone = self._ended.get(session_id)
         if tombstone is not None:
             return _json(tombstone)
-        return _error(404, "not_found", f"no session {session_id!r}")
+        return _error(404, "not_found", f"no session {quoted(session_id)}")
 
     # -- ending -----------------------------------------------------------------------------
 
@@ -1000,7 +1013,7 @@ class EngineServer:
         session = self._live.get(session_id)
         tombstone = self._ended.get(session_id)
         if session is None and tombstone is None:
-            return _error(404, "not_found", f"no session {session_id!r}")
+            return _error(404, "not_found", f"no session {quoted(session_id)}")
         ws = web.WebSocketResponse(max_msg_size=_MAX_AUDIO_MESSAGE, timeout=_WS_CLOSE_S,
                                    heartbeat=30.0)
         await ws.prepare(request)
@@ -1041,11 +1054,10 @@ class EngineServer:
         try:
             message = client_message(text)
         except ValidationError as exc:
-            err = exc.errors(include_input=False, include_url=False)[0]
-            where = ".".join(str(p) for p in err["loc"])
-            socket.send(ErrorMessage(message=f"unknown or malformed message ({where}: "
-                                             f"{err['msg']}); expected speak, end_utterance or "
-                                             "clear_buffer"))
+            where, what = validation_problem(exc)
+            socket.send(ErrorMessage(message=f"unknown or malformed message "
+                                             f"({where or 'message'}: {what}); expected speak, "
+                                             "end_utterance or clear_buffer"))
             return
         try:
             if isinstance(message, Speak):

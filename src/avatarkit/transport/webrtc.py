@@ -496,7 +496,7 @@ class WhepEndpoint:
                               {"Retry-After": "5"})
         broadcast = self._resolve(stream_id)
         if broadcast is None:
-            return self._text(request, 404, f"no stream {stream_id!r}")
+            return self._text(request, 404, f"no stream {stream_id[:64]!r}")
         try:
             tracks = broadcast.subscribe()
         except BroadcastFull as exc:
