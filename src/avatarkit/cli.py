@@ -26,7 +26,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import AvatarKitError
+from .errors import AvatarKitError, describe_error
 
 __all__ = ["main"]
 
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               port=args.port, api_key=args.api_key,
                               max_concurrent=args.max_concurrent)
             except ValueError as exc:  # unknown vendor name
-                print(f"avatarkit: error: {exc}", file=sys.stderr)
+                print(f"avatarkit: error: {describe_error(exc)}", file=sys.stderr)
                 return 2
             return 0
         if args.command == "route":
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_weights(args)
     except AvatarKitError as exc:
-        print(f"avatarkit: error: {exc}", file=sys.stderr)
+        print(f"avatarkit: error: {describe_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

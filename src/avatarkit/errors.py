@@ -125,6 +125,13 @@ class AvatarKitError(Exception):
     """Root of every error raised by avatarkit."""
 
 
+def describe_error(exc: BaseException) -> str:
+    """``Type: message``: how the command line reports an error, so the reader can look the
+    type up (``NoFaceError: no face found in ...``) and scripts can tell errors apart."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class ConfigError(AvatarKitError, ValueError):
     """Configuration is missing or invalid. ``field`` is the dotted path of the culprit."""
 

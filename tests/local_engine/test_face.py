@@ -89,6 +89,52 @@ def test_small_face_found_through_the_full_range_detector(analyzer: FaceAnalyzer
     assert np.abs(found.landmarks - (expected / 2 + [40, 200])).mean() < 2.0
 
 
+
+@pytest.mark.parametrize(("y", "x"), [(0, 0), (0, 1560), (720, 1560), (720, 0), (360, 780)],
+                         ids=["top-left", "top-right", "bottom-right", "bottom-left", "centre"])
+def test_a_small_face_in_a_1080p_frame_is_found_at_full_resolution(
+        analyzer: FaceAnalyzer, y: int, x: int) -> None:
+    """A 360 px portrait (a 74 px face) on a 1920x1080 canvas: the detector sees the frame
+    shrunk to 192 px and misses it in most places; the tiles find it wherever it is."""
+    portrait = np.asarray(cv2.resize(astronaut(), (360, 360), interpolation=cv2.INTER_AREA),
+                          dtype=np.uint8)
+    canvas = np.full((1080, 1920, 3), 40, dtype=np.uint8)
+    canvas[y:y + 360, x:x + 360] = portrait
+    found = analyzer.analyze(canvas)
+    assert found.method == "detector+mesh" and found.face_count == 1
+    assert found.landmarks is not None and 65 < found.size < 85
+    expected = analyzer.analyze(portrait).landmarks
+    assert expected is not None
+    assert np.abs(found.landmarks - (expected + np.array([x, y]))).mean() < 2.0
+
+
+def test_detection_tiles_cover_every_small_face() -> None:
+    """Every square up to half a tile lies whole inside one tile, at every level; tiles stay
+    inside the frame; a frame no larger than a tile has a single level at its shorter side."""
+    for width, height in ((1920, 1080), (1081, 1919), (3840, 2160), (700, 641)):
+        tiles = face.detection_tiles(width, height)
+        assert all(x >= 0 and y >= 0 and x + side <= width and y + side <= height
+                   for x, y, side in tiles)
+        smallest = min(side for _, _, side in tiles)
+        assert smallest == min(face.DETECT_TILE, width, height)
+        half = smallest // 2
+        rng = np.random.default_rng(width)
+        for _ in range(300):
+            fx, fy = int(rng.integers(0, width - half + 1)), int(rng.integers(0, height - half + 1))
+            assert any(x <= fx and y <= fy and fx + half <= x + side and fy + half <= y + side
+                       for x, y, side in tiles if side == smallest), (width, height, fx, fy)
+        assert max(side for _, _, side in tiles) == min(width, height)
+
+
+def test_several_faces_count_and_the_largest_is_chosen(analyzer: FaceAnalyzer) -> None:
+    canvas = np.full((1080, 1920, 3), 40, dtype=np.uint8)
+    canvas[100:612, 100:612] = astronaut()
+    canvas[600:960, 1400:1760] = cv2.resize(astronaut(), (360, 360),
+                                            interpolation=cv2.INTER_AREA)
+    found = analyzer.analyze(canvas)
+    assert found.face_count == 2 and found.box is not None
+    assert 90 < found.size < 125 and found.box[0] < 612  # the big face, left
+
 def test_nothing_found_in_black_or_noise(analyzer: FaceAnalyzer) -> None:
     rng = np.random.default_rng(3)
     for frame in (np.zeros((256, 320, 3), np.uint8),

@@ -17,7 +17,7 @@ from avatarkit.consent.store import SQLiteConsentStore
 from avatarkit.disclosure.certs import generate_signing_credentials
 from avatarkit.disclosure.label import FrameLabeler
 from avatarkit.disclosure.verify import verify_media
-from avatarkit.errors import ConsentOutOfScope, MediaFormatError, NoFaceError
+from avatarkit.errors import ConfigError, ConsentOutOfScope, MediaFormatError, NoFaceError
 from avatarkit.local_engine.render import read_speech, render_video
 
 from . import astronaut, portrait_file, shifted, write_video, write_wav
@@ -199,3 +199,98 @@ async def test_the_generation_log_records_the_output(portrait: Path, speech_file
     assert "output" in kinds
     output = next(r for r in records if r.kind == "output")
     assert output.output_sha256 == [result.sha256]
+
+
+@pytest.fixture(scope="module")
+def two_faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1280x720 picture: the 512 px portrait (a ~105 px face) on the left, the portrait
+    at 360 px (a ~74 px face) at the bottom right."""
+    canvas = np.full((720, 1280, 3), 40, dtype=np.uint8)
+    canvas[40:552, 40:552] = astronaut()
+    canvas[360:720, 920:1280] = np.asarray(
+        Image.fromarray(astronaut()).resize((360, 360), Image.Resampling.LANCZOS))
+    path = tmp_path_factory.mktemp("media") / "two.png"
+    Image.fromarray(canvas).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_face(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 360 px portrait in the corner of a 1920x1080 canvas: found only at full resolution."""
+    canvas = np.full((1080, 1920, 3), 40, dtype=np.uint8)
+    canvas[720:1080, 0:360] = np.asarray(
+        Image.fromarray(astronaut()).resize((360, 360), Image.Resampling.LANCZOS))
+    path = tmp_path_factory.mktemp("media") / "corner.png"
+    Image.fromarray(canvas).save(path)
+    return path
+
+
+async def test_a_small_face_in_1080p_media_renders_at_the_media_resolution(
+        small_face: Path, speech_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "corner.mp4"
+    async with DemoConsent("corner") as demo:
+        result = await render_video(
+            avatar=small_face, audio=speech_file, out=out, consent=demo.token,
+            gate=demo.gate, purpose="demo", consent_subject=demo.subject_ref,
+            credentials=None, cache_dir=tmp_path / "cache", progress=False)
+    assert (result.width, result.height) == (1920, 1080)
+    frames, _ = decoded(out)
+    assert frames[0].shape == (1080, 1920, 3)
+    x0, y0, x1, y1 = result.faces.box
+    assert 0 <= x0 < x1 <= 360 and 720 <= y0 < y1 <= 1080 and 65 < result.faces.size < 85
+    assert result.faces.found == 1 and result.faces.describe().startswith("1 face, ")
+    # the mouth moves in the small face's region: the lips differ between frames
+    mouth = slice(y0 + (y1 - y0) // 2, y1), slice(x0, x1)
+    spread = np.stack([f[mouth].astype(np.int16) for f in frames]).std(axis=0).mean()
+    assert spread > 1.0
+
+
+async def test_max_side_scales_the_render_down_on_request(
+        small_face: Path, speech_file: Path, tmp_path: Path) -> None:
+    async with DemoConsent("corner") as demo:
+        common = dict(audio=speech_file, consent=demo.token, gate=demo.gate, purpose="demo",
+                      consent_subject=demo.subject_ref, credentials=None,
+                      cache_dir=tmp_path / "cache", progress=False)
+        result = await render_video(avatar=small_face, out=tmp_path / "small.mp4",
+                                    max_side=960, **common)  # type: ignore[arg-type]
+        assert (result.width, result.height) == (960, 540)
+        assert decoded(tmp_path / "small.mp4")[0][0].shape == (540, 960, 3)
+        with pytest.raises(ConfigError) as refused:
+            await render_video(avatar=small_face, out=tmp_path / "m.mp4", max_side=960,
+                               engine="musetalk", weights=tmp_path,
+                               **common)  # type: ignore[arg-type]
+    assert refused.value.field == "max_side" and not (tmp_path / "m.mp4").exists()
+
+
+def test_the_cli_reports_which_of_several_faces_it_animates(
+        two_faces: Path, speech_file: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AVATARKIT_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("AVATARKIT_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "two.mp4"
+    assert main(["render", "--avatar", str(two_faces), "--audio", str(speech_file),
+                 "--out", str(out), "--demo-consent"]) == 0
+    printed = capsys.readouterr().out
+    assert "(1280x720," in printed
+    line = next(row for row in printed.splitlines() if row.startswith("face "))
+    assert "2 faces found; the largest is animated: " in line and "in the 1280x720" in line
+    assert main(["render", "--avatar", str(two_faces), "--audio", str(speech_file),
+                 "--out", str(tmp_path / "two.json.mp4"), "--demo-consent", "--json"]) == 0
+    faces = json.loads(capsys.readouterr().out)["faces"]
+    assert faces["found"] == 2 and faces["frames_with_several"] == 1
+    x0, y0, x1, y1 = faces["box"]
+    assert x1 < 600 and 90 < max(x1 - x0, y1 - y0) < 125  # the big face on the left
+
+
+def test_cli_errors_name_the_error_type(speech_file: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AVATARKIT_STATE_DIR", str(tmp_path / "state"))
+    wall = tmp_path / "wall.png"
+    Image.fromarray(np.full((256, 256, 3), 200, np.uint8)).save(wall)
+    assert main(["render", "--avatar", str(wall), "--audio", str(speech_file), "--out",
+                 str(tmp_path / "x.mp4"), "--demo-consent"]) == 2
+    assert capsys.readouterr().err.startswith("avatarkit: error: NoFaceError: no face found")
+    assert main(["render", "--avatar", str(tmp_path / "none.png"), "--audio",
+                 str(speech_file), "--out", str(tmp_path / "x.mp4"), "--demo-consent"]) == 2
+    assert capsys.readouterr().err.startswith("avatarkit: error: ConfigError: avatar: ")

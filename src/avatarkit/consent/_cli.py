@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from ..errors import AvatarKitError, ConfigError, ConsentViolation
+from ..errors import AvatarKitError, ConfigError, ConsentViolation, describe_error
 from .grant import ConsentGrant
 from .keys import IssuerKey, KeySet, TrustedIssuers
 from .status import (
@@ -168,7 +168,7 @@ def run_consent(args: argparse.Namespace) -> int:
         print(f"refused: {exc.check.value}: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except (AvatarKitError, ValueError, OSError) as exc:
-        print(f"avatarkit consent: error: {exc}", file=sys.stderr)
+        print(f"avatarkit consent: error: {describe_error(exc)}", file=sys.stderr)
         return 2
 
 

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import AvatarKitError
+from ..errors import AvatarKitError, describe_error
 
 if TYPE_CHECKING:
     from .verify import VerificationReport
@@ -90,7 +90,7 @@ def run_disclosure(args: argparse.Namespace) -> int:
             return _keygen(args)
         raise AvatarKitError(f"unknown disclosure command {args.disclosure_command!r}")
     except (AvatarKitError, OSError) as exc:
-        print(f"avatarkit disclosure: error: {exc}", file=sys.stderr)
+        print(f"avatarkit disclosure: error: {describe_error(exc)}", file=sys.stderr)
         return EXIT_ERROR
 
 
@@ -100,7 +100,7 @@ def run_verify(args: argparse.Namespace) -> int:
     try:
         report = _verify(args)
     except (AvatarKitError, OSError, ValueError) as exc:
-        print(f"avatarkit verify: error: {exc}", file=sys.stderr)
+        print(f"avatarkit verify: error: {describe_error(exc)}", file=sys.stderr)
         return EXIT_ERROR
     print(report.model_dump_json(indent=2) if args.json else report.text())
     return EXIT_AI_SIGNAL if report.ai_generated else EXIT_NO_SIGNAL

@@ -4,7 +4,7 @@
                      (--consent TOKEN --config avatarkit.toml | --demo-consent)
                      [--purpose P] [--engine auto|lite|musetalk] [--weights DIR]
                      [--device D] [--precision P] [--backend torch|onnx] [--batch-size N]
-                     [--credentials DIR] [--fps N] [--overwrite] [--json]
+                     [--credentials DIR] [--fps N] [--max-side PX] [--overwrite] [--json]
 
 ``--consent`` takes the token itself, ``@FILE`` or ``env:VAR``; the config's ``[consent]``
 section says whose tokens to trust and where the generation log is, its ``[disclosure]``
@@ -13,7 +13,9 @@ throwaway registry instead (for trying the SDK on media you may use), logs it in
 ``demo-consent.db`` in the state directory, and signs with the demo test CA; the command it
 prints verifies the result. ``--credentials`` is a directory from ``avatarkit disclosure
 keygen``; without it a demo render uses the demo CA and a consented one is refused unless
-``--unsigned`` says an unsigned file is meant.
+``--unsigned`` says an unsigned file is meant. The video keeps the avatar media's resolution
+unless ``--max-side`` asks for a smaller one; when the media shows several faces, the report
+says which one is animated (the largest).
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ def add_render_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     render.add_argument("--unsigned", action="store_true",
                         help="write without a C2PA manifest when no credentials are given")
     render.add_argument("--fps", type=float, help="output frame rate (default: the avatar's)")
+    render.add_argument("--max-side", type=int, metavar="PX",
+                        help="scale the video down to at most PX on its longer side (lite "
+                             "engine; default: the avatar media's resolution)")
     render.add_argument("--overwrite", action="store_true")
     render.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -126,7 +131,8 @@ async def _render(args: argparse.Namespace) -> int:
     common: dict[str, Any] = dict(
         avatar=media, audio=args.audio, out=args.out, engine=args.engine, weights=args.weights,
         musetalk=musetalk_options(args),
-        credentials=credentials, label=label, fps=args.fps, overwrite=args.overwrite,
+        credentials=credentials, label=label, fps=args.fps, max_side=args.max_side,
+        overwrite=args.overwrite,
         avatar_name=avatar_name, progress=not args.json)
     result: RenderResult
     store_path: Path | None = None
@@ -192,10 +198,13 @@ def _report(result: Any, credentials: Any, store: Path | None, *, as_json: bool)
             "consent_id": result.consent_id, "watermark_payload": result.watermark_payload,
             "signed": result.signed, "elapsed_s": result.elapsed_s,
             "render_fps": result.render_fps, "first_frame_s": result.first_frame_s,
+            "faces": {"found": result.faces.found, "box": list(result.faces.box),
+                      "frames_with_several": result.faces.frames_with_several},
             "verify": verify}))
         return
     print(f"wrote      {result.path} ({result.width}x{result.height}, {result.frames} frames, "
           f"{result.duration_s:.2f} s at {result.fps:g} fps)")
+    print(f"face       {result.faces.describe()}")
     print(f"engine     {result.engine.name}: {result.engine.reason}")
     print(f"speed      {result.elapsed_s:.2f} s ({result.render_fps:.0f} frames/s, first "
           f"frame after {result.first_frame_s * 1000:.0f} ms)")

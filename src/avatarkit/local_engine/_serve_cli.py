@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import AvatarKitError, ConfigError
+from ..errors import AvatarKitError, ConfigError, describe_error
 from ._render_cli import add_musetalk_arguments, musetalk_options
 
 if TYPE_CHECKING:
@@ -160,12 +160,12 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         server = build_server(args)
     except AvatarKitError as exc:
-        print(f"avatarkit serve: error: {exc}", file=sys.stderr)
+        print(f"avatarkit serve: error: {describe_error(exc)}", file=sys.stderr)
         return EXIT_ERROR
     try:
         return asyncio.run(_serve(server))
     except AvatarKitError as exc:
-        print(f"avatarkit serve: error: {exc}", file=sys.stderr)
+        print(f"avatarkit serve: error: {describe_error(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

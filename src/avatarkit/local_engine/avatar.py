@@ -16,7 +16,12 @@ Choices made here (MuseTalk's ``prepare_material`` for comparison, see
   between the nearest frames that have a face (copied at the ends), and is listed in
   ``interpolated_frames`` (MuseTalk skipped such frames for latents only, misaligning the rest).
 - Several faces in a frame: the largest (by detector box) is used, the frame is listed in
-  ``multiple_faces_frames`` and one warning is logged per preparation.
+  ``multiple_faces_frames``, ``faces_found`` is the most faces seen in one frame, and one
+  warning is logged per preparation (``avatarkit render`` reports the choice). The first
+  frame is searched thoroughly (every tile of a large frame), so a small second face is
+  counted there; later frames are searched only until a face is found.
+- Faces are found at the media's own resolution (see :mod:`.face`: a small face in a large
+  frame is searched for in tiles), and the prepared frames keep that resolution.
 - ``raw_landmarks`` are the per-frame mediapipe results (interpolated where listed);
   ``landmarks`` are the temporally smoothed tracks (zero-phase Gaussian, see
   :func:`.face.smooth_tracks`); ``boxes``, ``crop_boxes`` and ``masks`` derive from the smoothed
@@ -65,7 +70,7 @@ __all__ = [
 ]
 
 #: Bumped whenever preparation output changes for the same input and options.
-PREPARATION_VERSION = "1"
+PREPARATION_VERSION = "2"
 #: The frame rate reported for a still image.
 STILL_IMAGE_FPS = 25.0
 
@@ -125,6 +130,7 @@ class PreparedAvatar:
         multiple_faces_frames: frames where more than one face was found (largest used).
         interpolated_frames: frames without a face whose landmarks were interpolated.
         clipped_crop_frames: frames whose crop had to shrink to fit inside the frame.
+        faces_found: the most faces found in one frame (1 unless several were seen).
         source: the media path, or ``"<array>"``.
         content_hash: sha256 (hex) of the media bytes (or of the array's shape, dtype, bytes).
         engine_version: the engine version the preparation was made for.
@@ -147,6 +153,7 @@ class PreparedAvatar:
     engine_version: str
     cache_key: str
     from_cache: bool
+    faces_found: int = 1
 
     def __post_init__(self) -> None:
         n = self.frames.shape[0] if self.frames.ndim == 4 else -1
@@ -178,6 +185,8 @@ class PreparedAvatar:
             raise ValueError(f"masks: expected square masks, got {self.masks.shape}")
         if not (math.isfinite(self.fps) and self.fps > 0):
             raise ValueError(f"fps: expected a positive number, got {self.fps}")
+        if self.faces_found < 1:
+            raise ValueError(f"faces_found: expected >= 1, got {self.faces_found}")
         for name in _INDEX_FIELDS:
             indices = tuple(int(i) for i in getattr(self, name))
             if any(not 0 <= i < n for i in indices):
@@ -267,7 +276,7 @@ def _load_cached(path: Path, key: str, source: str) -> PreparedAvatar | None:
             interpolated_frames=indices["interpolated_frames"],
             clipped_crop_frames=indices["clipped_crop_frames"], source=source,
             content_hash=str(meta["content_hash"]), engine_version=str(meta["engine_version"]),
-            cache_key=key, from_cache=True)
+            cache_key=key, from_cache=True, faces_found=int(meta["faces_found"]))
     except Exception as exc:  # any way a damaged file can fail: ignore it and rebuild
         logger.warning("ignoring unreadable avatar cache file %s (%s: %s); preparing again",
                        path, type(exc).__name__, exc)
@@ -304,6 +313,7 @@ def _store(avatar: PreparedAvatar, directory: Path, options: PrepareOptions) -> 
         "height": int(height),
         "fps": avatar.fps,
         "multiple_faces_frames": list(avatar.multiple_faces_frames),
+        "faces_found": avatar.faces_found,
         "interpolated_frames": list(avatar.interpolated_frames),
         "clipped_crop_frames": list(avatar.clipped_crop_frames),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -467,18 +477,24 @@ def _progress(mode: bool | Literal["always"], total: int, label: str,
 
 def _analyse(frames: NDArray[np.uint8], label: str, options: PrepareOptions,
              report: Callable[[int], None]) -> tuple[NDArray[np.float32], NDArray[np.bool_],
-                                                     list[int]]:
+                                                     list[int], int]:
+    """Landmarks per frame, which frames have a face, the frames with several faces, and
+    the most faces seen in one frame."""
     count = frames.shape[0]
     still = count == 1
     raw = np.zeros((count, _face.NUM_LANDMARKS, 2), dtype=np.float32)
     present = np.zeros(count, dtype=bool)
     multiple: list[int] = []
+    most = 1
     where = "" if still else "frame {} of "
     with _face.open_face_analyzer(max_num_faces=4) as analyzer:
         for i in range(count):
-            found = analyzer.analyze(frames[i])
+            # the first frame is searched thoroughly, so that every face in the media is
+            # counted (and the choice reported); later ones only as far as finding one needs
+            found = analyzer.analyze(frames[i], thorough=i == 0)
             if found.face_count > 1:
                 multiple.append(i)
+                most = max(most, found.face_count)
             if found.box is not None and found.size < options.min_face_size:
                 raise FaceTooSmallError(
                     f"the face in {where.format(i)}{label!r} is {found.size:.0f} px (longer side "
@@ -500,7 +516,7 @@ def _analyse(frames: NDArray[np.uint8], label: str, options: PrepareOptions,
     if not present.any():
         raise NoFaceError(f"no face found in any of the {count} frame(s) of {label!r}",
                           source=label, frame_index=0, frames_checked=count)
-    return raw, present, multiple
+    return raw, present, multiple, most
 
 
 def prepare_avatar(
@@ -554,7 +570,7 @@ def prepare_avatar(
     frames, fps = _read_media(source, label, opts)
     count, height, width = frames.shape[:3]
     with _progress(progress, count, label, on_progress) as report:
-        raw, present, multiple = _analyse(frames, label, opts, report)
+        raw, present, multiple, most = _analyse(frames, label, opts, report)
 
     interpolated = tuple(int(i) for i in np.flatnonzero(~present))
     if interpolated:
@@ -588,7 +604,7 @@ def prepare_avatar(
         crop_boxes=crop_boxes, masks=masks, multiple_faces_frames=tuple(multiple),
         interpolated_frames=interpolated, clipped_crop_frames=tuple(clipped), source=label,
         content_hash=content_hash, engine_version=engine_version, cache_key=key,
-        from_cache=False)
+        from_cache=False, faces_found=most)
     if use_cache:
         _store(avatar, directory, opts)
     return avatar

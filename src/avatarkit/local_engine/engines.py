@@ -18,10 +18,15 @@ import importlib.util
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
+
+from pydantic import BaseModel, ValidationError
 
 from ..errors import ConfigError
 from .engine import LipSyncEngine
+
+if TYPE_CHECKING:
+    from .avatar import PreparedAvatar
 
 __all__ = ["ENGINES", "EngineChoice", "EngineName", "build_engine", "choose_engine"]
 
@@ -77,16 +82,20 @@ def _check_name(name: str) -> None:
                           "weightless CPU engine)", field="engine")
 
 
-def build_engine(name: str, avatar: str | os.PathLike[str], *, fps: float | None = None,
+def build_engine(name: str, avatar: str | os.PathLike[str] | PreparedAvatar, *,
+                 fps: float | None = None,
                  sample_rate: int = 16_000, cache_dir: str | os.PathLike[str] | None = None,
                  weights: str | os.PathLike[str] | None = None,
                  musetalk: Mapping[str, Any] | None = None,
+                 lite: Mapping[str, Any] | None = None,
                  progress: bool = False) -> LipSyncEngine:
-    """Prepare ``avatar`` (an image or a video; cached on disk) and build engine ``name``.
+    """Prepare ``avatar`` (an image or a video; cached on disk; or an avatar already
+    prepared) and build engine ``name``.
 
     ``weights`` is MuseTalk's weights folder (required for ``musetalk``); ``musetalk`` holds
     its :class:`~avatarkit.local_engine.musetalk.options.MuseTalkOptions` (device, precision,
-    backend, batch size...).
+    backend, batch size...); ``lite`` the lite engine's
+    :class:`~avatarkit.local_engine.lite.LiteOptions` (``max_side``...).
 
     Blocking and CPU-heavy on a cache miss (face analysis, and for MuseTalk loading the
     weights and encoding the avatar's latents): call it in a worker thread from async code.
@@ -96,37 +105,53 @@ def build_engine(name: str, avatar: str | os.PathLike[str], *, fps: float | None
     for unusable media.
     """
     _check_name(name)
-    from .avatar import prepare_avatar
-
     if name == "musetalk":
+        if lite:
+            raise ConfigError("lite options are for the lite engine", field="lite")
         return _build_musetalk(avatar, fps=fps, sample_rate=sample_rate, cache_dir=cache_dir,
                                weights=weights, options=musetalk, progress=progress)
-    from .lite import LiteEngine
+    from .lite import LiteEngine, LiteOptions
 
-    prepared = prepare_avatar(Path(avatar), cache_dir=cache_dir, progress=progress)
-    engine = LiteEngine(prepared, fps=fps, sample_rate=sample_rate)
+    opts = _options(LiteOptions, lite, "lite")
+    prepared = _prepared(avatar, cache_dir=cache_dir, progress=progress)
+    engine = LiteEngine(prepared, fps=fps, sample_rate=sample_rate, options=opts)
     engine.warm_up()
     return engine
 
 
-def _build_musetalk(avatar: str | os.PathLike[str], *, fps: float | None, sample_rate: int,
+_Options = TypeVar("_Options", bound=BaseModel)
+
+
+def _options(model: type[_Options], given: Mapping[str, Any] | None, field: str) -> _Options:
+    """``model`` validated from ``given``; a bad value is a ConfigError naming it."""
+    try:
+        return model.model_validate(dict(given or {}))
+    except ValidationError as exc:
+        first = exc.errors(include_input=False, include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(first["msg"], field=f"{field}.{where}") from None
+
+
+def _prepared(avatar: str | os.PathLike[str] | PreparedAvatar, *,
+              cache_dir: str | os.PathLike[str] | None, progress: bool) -> PreparedAvatar:
+    from .avatar import PreparedAvatar, prepare_avatar
+
+    if isinstance(avatar, PreparedAvatar):
+        return avatar
+    return prepare_avatar(Path(avatar), cache_dir=cache_dir, progress=progress)
+
+
+def _build_musetalk(avatar: str | os.PathLike[str] | PreparedAvatar, *, fps: float | None,
+                    sample_rate: int,
                     cache_dir: str | os.PathLike[str] | None,
                     weights: str | os.PathLike[str] | None,
                     options: Mapping[str, Any] | None, progress: bool) -> LipSyncEngine:
-    from pydantic import ValidationError
-
-    from .avatar import prepare_avatar
     from .musetalk.options import MuseTalkOptions
 
     if weights is None:
         raise ConfigError("the MuseTalk engine needs its weights folder (weights = DIR, "
                           "--weights DIR)", field="weights")
-    try:
-        opts = MuseTalkOptions.model_validate(dict(options or {}))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(first["msg"], field=f"musetalk.{where}") from None
+    opts = _options(MuseTalkOptions, options, "musetalk")
     from .musetalk.engine import MuseTalkEngine, resolve_placement
     from .musetalk.weights import load_networks
 
@@ -134,6 +159,6 @@ def _build_musetalk(avatar: str | os.PathLike[str], *, fps: float | None, sample
     # fp32 on the device: the avatar's latents are encoded at full precision; the engine
     # converts the networks to its precision afterwards
     networks = load_networks(weights, version=opts.version, device=device)
-    prepared = prepare_avatar(Path(avatar), cache_dir=cache_dir, progress=progress)
+    prepared = _prepared(avatar, cache_dir=cache_dir, progress=progress)
     return MuseTalkEngine(prepared, networks, options=opts, fps=fps, sample_rate=sample_rate,
                           cache_dir=cache_dir)

@@ -13,7 +13,17 @@ found, a 55 px one or a 100 px one in a 1024x512 canvas is not). So the two medi
 combined:
 
 1. ``FaceDetection(model_selection=1)`` (full-range model) finds every face in the full frame.
-   Its boxes count the faces (``face_count``) and pick the chosen face: the largest box.
+   Its boxes count the faces (``face_count``) and pick the chosen face: the largest box whose
+   crop the mesh accepts (a box it rejects is taken for a false detection). The
+   detector sees its input shrunk to 192 x 192, so in a large frame a small face shrinks to a
+   few pixels (a 74 px face on a 1920x1080 canvas is missed in four of six positions). When
+   the full frame gives nothing and the frame is larger than ``DETECT_TILE``, the detector
+   runs again on square tiles of the frame at its own resolution: ``DETECT_TILE`` px with
+   half-tile overlap (so every face up to half a tile lies whole inside one), then tiles
+   twice that size, and so on up to the frame's shorter side. Overlapping finds of one face
+   are merged (the most confident box is kept). ``analyze(frame, thorough=True)`` searches
+   the tiles even when the whole frame shows a face, so that a small face beside a large one
+   is counted (preparation does this for the first frame of the media).
 2. FaceMesh (``static_image_mode=True``, ``max_num_faces=4``, no refined landmarks) runs on a
    square crop of side ``MESH_CROP_SCALE`` x the chosen detection box (zero-padded where it
    leaves the frame, upscaled to at least ``MESH_MIN_INPUT`` px); of the meshes found in the crop
@@ -74,6 +84,7 @@ __all__ = [
     "FACE_OVAL",
     "LIPS_OUTER",
     "LOWER_FACE_STRETCH",
+    "DETECT_TILE",
     "MESH_CROP_SCALE",
     "MESH_MIN_INPUT",
     "NOSE_BOTTOM",
@@ -111,6 +122,10 @@ LOWER_FACE_STRETCH = 0.1
 MESH_CROP_SCALE = 2.0
 #: Crops smaller than this (px) are upscaled before the mesh runs.
 MESH_MIN_INPUT = 256
+#: Side (px) of the smallest detection tiles for frames where the full frame finds no face.
+DETECT_TILE = 640
+#: Two boxes whose intersection covers this much of the smaller one are one face.
+SAME_FACE_OVERLAP = 0.5
 #: Gaussian sigma of the temporal smoother, in seconds, at ``smoothing=1``.
 SMOOTHING_SECONDS = 0.06
 
@@ -195,8 +210,12 @@ class FaceAnalyzer:
         finally:
             self._detector.close()
 
-    def analyze(self, rgb: NDArray[np.uint8]) -> FrameFaces:
-        """Find the faces in one RGB frame and the landmarks of the largest one."""
+    def analyze(self, rgb: NDArray[np.uint8], *, thorough: bool = False) -> FrameFaces:
+        """Find the faces in one RGB frame and the landmarks of the largest one.
+
+        ``thorough`` searches the tiles of a large frame even when the whole frame already
+        shows a face, so that smaller faces beside it are counted too (``face_count``);
+        about ``len(detection_tiles(...))`` more detector runs (18 for 1920x1080)."""
         if self._closed:
             raise RuntimeError("FaceAnalyzer is closed")
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
@@ -206,13 +225,19 @@ class FaceAnalyzer:
         height, width = frame.shape[:2]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_PROTOBUF_WARNING, category=UserWarning)
-            detections = self._detect(frame, width, height)
-            if detections:
-                best = detections[0]
-                landmarks = self._mesh_around(frame, best)
-                if landmarks is not None:
-                    return FrameFaces(len(detections), landmarks, face_box(landmarks),
-                                      "detector+mesh")
+            whole = self._detect_in(frame, 0, 0)
+            large = max(width, height) > DETECT_TILE
+            detections = _largest_first(
+                _merge_same_faces(whole + self._detect_tiled(frame))
+                if thorough and large else whole)
+            found = self._mesh_first(frame, detections)
+            if found is None and large and not thorough:
+                # no face the mesh accepts at the detector's 192 px view: look closer
+                tiled = _largest_first(_merge_same_faces(self._detect_tiled(frame)))
+                found = self._mesh_first(frame, tiled)
+                detections = detections or tiled
+            if found is not None:
+                return found
             meshes = self._mesh_faces(frame, 0.0, 0.0, float(width), float(height))
         if meshes:
             meshes.sort(key=_box_area, reverse=True)
@@ -223,16 +248,38 @@ class FaceAnalyzer:
             return FrameFaces(len(detections), None, detections[0], "detector")
         return FrameFaces(0, None, None, "none")
 
-    def _detect(self, frame: NDArray[np.uint8], width: int, height: int) -> list[FloatArray]:
-        result = self._detector.process(frame)
-        boxes: list[FloatArray] = []
+    def _mesh_first(self, frame: NDArray[np.uint8], boxes: list[FloatArray]) -> FrameFaces | None:
+        """The landmarks around the largest box the mesh accepts (a box it rejects is taken
+        for a false detection), counting every box as a face; None when it accepts none."""
+        for box in boxes:
+            landmarks = self._mesh_around(frame, box)
+            if landmarks is not None:
+                return FrameFaces(len(boxes), landmarks, face_box(landmarks), "detector+mesh")
+        return None
+
+    def _detect_tiled(self, frame: NDArray[np.uint8]) -> list[tuple[FloatArray, float]]:
+        """Detections in each of the frame's :func:`detection_tiles`, at its own resolution
+        (not merged)."""
+        height, width = frame.shape[:2]
+        found: list[tuple[FloatArray, float]] = []
+        for x0, y0, side in detection_tiles(width, height):
+            found += self._detect_in(frame[y0:y0 + side, x0:x0 + side], x0, y0)
+        return found
+
+    def _detect_in(self, image: NDArray[np.uint8], x0: int, y0: int
+                   ) -> list[tuple[FloatArray, float]]:
+        """``(box, score)`` of each face the detector finds in ``image``, which shows the
+        frame from ``(x0, y0)``; boxes in frame pixels."""
+        height, width = image.shape[:2]
+        result = self._detector.process(np.ascontiguousarray(image))
+        found: list[tuple[FloatArray, float]] = []
         for det in result.detections or ():
             rel = det.location_data.relative_bounding_box
-            x0, y0 = rel.xmin * width, rel.ymin * height
-            boxes.append(np.array([x0, y0, x0 + rel.width * width, y0 + rel.height * height],
-                                  dtype=np.float32))
-        boxes.sort(key=lambda b: float((b[2] - b[0]) * (b[3] - b[1])), reverse=True)
-        return boxes
+            bx, by = x0 + rel.xmin * width, y0 + rel.ymin * height
+            box = np.array([bx, by, bx + rel.width * width, by + rel.height * height],
+                           dtype=np.float32)
+            found.append((box, float(det.score[0]) if det.score else 0.0))
+        return found
 
     def _mesh_around(self, frame: NDArray[np.uint8], box: FloatArray) -> FloatArray | None:
         side = max(1, round(MESH_CROP_SCALE * float(max(box[2] - box[0], box[3] - box[1]))))
@@ -267,6 +314,53 @@ def open_face_analyzer(*, max_num_faces: int = 4) -> FaceAnalyzer:
     """Create the :class:`FaceAnalyzer` used by ``prepare_avatar`` (the one place mediapipe is
     loaded; tests may replace this factory)."""
     return FaceAnalyzer(max_num_faces=max_num_faces)
+
+
+def detection_tiles(width: int, height: int, *,
+                    tile: int = DETECT_TILE) -> list[tuple[int, int, int]]:
+    """``(x0, y0, side)`` of the square tiles a large frame is searched in: sides ``tile``,
+    ``2 * tile``, ... below the frame's shorter side (and one level at that side), each level
+    stepping half a side and ending flush with the right and bottom edges."""
+    tiles: list[tuple[int, int, int]] = []
+    shorter = min(width, height)
+    side = tile
+    while True:
+        side = min(side, shorter)
+        step = max(1, side // 2)
+        xs = sorted({*range(0, width - side + 1, step), width - side})
+        ys = sorted({*range(0, height - side + 1, step), height - side})
+        tiles += [(x, y, side) for y in ys for x in xs]
+        if side >= shorter:
+            return tiles
+        side *= 2
+
+
+def _largest_first(found: list[tuple[FloatArray, float]]) -> list[FloatArray]:
+    boxes = [box for box, _ in found]
+    boxes.sort(key=lambda b: float((b[2] - b[0]) * (b[3] - b[1])), reverse=True)
+    return boxes
+
+
+def _merge_same_faces(found: list[tuple[FloatArray, float]]
+                      ) -> list[tuple[FloatArray, float]]:
+    """One box per face: of boxes whose intersection covers ``SAME_FACE_OVERLAP`` of the
+    smaller one, the most confident (then the larger) is kept."""
+    ordered = sorted(found, key=lambda f: (f[1], float((f[0][2] - f[0][0]) *
+                                                       (f[0][3] - f[0][1]))), reverse=True)
+    kept: list[tuple[FloatArray, float]] = []
+    for box, score in ordered:
+        if all(_overlap_of_smaller(box, other) < SAME_FACE_OVERLAP for other, _ in kept):
+            kept.append((box, score))
+    return kept
+
+
+def _overlap_of_smaller(a: FloatArray, b: FloatArray) -> float:
+    w = min(float(a[2]), float(b[2])) - max(float(a[0]), float(b[0]))
+    h = min(float(a[3]), float(b[3])) - max(float(a[1]), float(b[1]))
+    if w <= 0 or h <= 0:
+        return 0.0
+    smaller = min(float((a[2] - a[0]) * (a[3] - a[1])), float((b[2] - b[0]) * (b[3] - b[1])))
+    return w * h / smaller if smaller > 0 else 0.0
 
 
 def _cut_padded(frame: NDArray[np.uint8], x0: int, y0: int, side: int) -> NDArray[np.uint8]:

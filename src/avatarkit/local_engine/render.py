@@ -34,12 +34,13 @@ from ..disclosure.c2pa import ConsentAssertion
 from ..disclosure.certs import SigningCredentials
 from ..disclosure.label_config import LabelConfig
 from ..disclosure.metadata import DisclosureMetadata
-from ..errors import MediaFormatError
+from ..errors import ConfigError, MediaFormatError
 from ..media import AudioChunk
+from .avatar import PreparedAvatar, prepare_avatar
 from .engines import EngineChoice, build_engine, choose_engine
 from .runner import AvatarRunner, RunnerFrame
 
-__all__ = ["RenderResult", "read_speech", "render_video"]
+__all__ = ["FaceChoice", "RenderResult", "read_speech", "render_video"]
 
 #: the region label an offline render on this machine carries (consent scopes may name it)
 SELF_HOSTED = "self-hosted"
@@ -51,7 +52,8 @@ class RenderResult:
     """What :func:`render_video` wrote and how fast.
 
     ``first_frame_s`` is the time from the first audio handed to the engine to its first
-    frame; ``render_fps`` the frames drawn and encoded per second of wall time.
+    frame; ``render_fps`` the frames drawn and encoded per second of wall time. ``faces``
+    says which face was animated (several may be in the media).
     """
 
     path: Path
@@ -68,10 +70,47 @@ class RenderResult:
     signed: bool
     elapsed_s: float
     first_frame_s: float
+    faces: FaceChoice
 
     @property
     def render_fps(self) -> float:
         return self.frames / self.elapsed_s if self.elapsed_s > 0 else math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class FaceChoice:
+    """The face a render animates: ``found`` is the most faces seen in one frame (the
+    largest is animated), ``frames_with_several`` how many frames showed more than one, and
+    ``box`` the animated face in the first frame, ``(x0, y0, x1, y1)`` in media pixels."""
+
+    found: int
+    frames_with_several: int
+    frames: int
+    box: tuple[int, int, int, int]
+    media_size: tuple[int, int]
+
+    @classmethod
+    def of(cls, avatar: PreparedAvatar) -> FaceChoice:
+        x0, y0, x1, y1 = (round(float(v)) for v in avatar.boxes[0])
+        height, width = avatar.frames.shape[1:3]
+        return cls(found=avatar.faces_found,
+                   frames_with_several=len(avatar.multiple_faces_frames),
+                   frames=len(avatar), box=(x0, y0, x1, y1), media_size=(width, height))
+
+    @property
+    def size(self) -> int:
+        """The animated face's longer side (px)."""
+        return max(self.box[2] - self.box[0], self.box[3] - self.box[1])
+
+    def describe(self) -> str:
+        """One line: how many faces, and which one is animated."""
+        where = f"{self.size} px at ({self.box[0]}, {self.box[1]}) in the " \
+                f"{self.media_size[0]}x{self.media_size[1]} media"
+        if self.found <= 1:
+            return f"1 face, {where}"
+        frames = "" if self.frames == 1 else \
+            f" (in {self.frames_with_several} of {self.frames} frames)"
+        return f"{self.found} faces found{frames}; the largest is animated: {where}"
 
 
 def read_speech(path: str | os.PathLike[str], *,
@@ -140,6 +179,7 @@ async def render_video(
     store: ConsentStore | None = None,
     label: LabelConfig | None = None,
     fps: float | None = None,
+    max_side: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     preset: str = "veryfast",
@@ -156,11 +196,14 @@ async def render_video(
     writes an unsigned file, with a warning). ``store`` receives the generation-log entry
     (default: the gate's consent store). ``engine``, ``weights`` and ``musetalk`` (the
     MuseTalk engine's options) choose the engine as :func:`.engines.build_engine` does.
+    The video keeps the avatar media's resolution; ``max_side`` scales it down so that its
+    longer side is at most that many pixels (the lite engine; MuseTalk renders at the
+    media's size). Faces are found at the media's resolution either way.
 
     Raises:
         ConsentViolation: the token is invalid, revoked, or does not cover this render.
         ConfigError: an unknown or unavailable engine, an existing ``out`` without
-            ``overwrite``.
+            ``overwrite``, ``max_side`` with MuseTalk.
         WeightsError: an unusable MuseTalk weights folder.
         MediaReadError, NoFaceError, FaceTooSmallError: unusable avatar media.
         MediaFormatError: unusable audio.
@@ -178,13 +221,19 @@ async def render_video(
     verified.check_route("local", SELF_HOSTED)
 
     choice = choose_engine(engine, weights=weights)
-    lip_sync = await asyncio.to_thread(build_engine, choice.name, media, fps=fps,
-                                       cache_dir=cache_dir, weights=weights,
-                                       musetalk=musetalk, progress=progress)
+    if max_side is not None and choice.name != "lite":
+        raise ConfigError("MuseTalk renders at the avatar media's resolution; scale the "
+                          "media itself, or use the lite engine", field="max_side")
+    prepared = await asyncio.to_thread(prepare_avatar, media, cache_dir=cache_dir,
+                                       progress=progress)
+    lite = {"max_side": max_side} if choice.name == "lite" else None
+    lip_sync = await asyncio.to_thread(build_engine, choice.name, prepared, fps=fps,
+                                       weights=weights, musetalk=musetalk, lite=lite,
+                                       cache_dir=cache_dir)
     if not float(lip_sync.fps).is_integer():  # an MP4 at 29.97: round to whole frames
-        lip_sync = await asyncio.to_thread(build_engine, choice.name, media,
+        lip_sync = await asyncio.to_thread(build_engine, choice.name, prepared,
                                            fps=round(lip_sync.fps), cache_dir=cache_dir,
-                                           weights=weights, musetalk=musetalk)
+                                           weights=weights, musetalk=musetalk, lite=lite)
     label = label if label is not None else LabelConfig()
     disclosure = DisclosureMetadata(
         generation_id=generation, provider="local", model=f"avatarkit-{choice.name}",
@@ -254,7 +303,8 @@ async def render_video(
         height=height, engine=choice, generation_id=generation,
         consent_id=verified.consent_id, watermark_payload=result.watermark_payload,
         signed=result.manifest is not None, elapsed_s=elapsed,
-        first_frame_s=first_frame if first_frame is not None else elapsed)
+        first_frame_s=first_frame if first_frame is not None else elapsed,
+        faces=FaceChoice.of(prepared))
 
 
 class _Progress:

@@ -324,6 +324,42 @@ def test_unexpected_and_mismatched_keys(copy: Path) -> None:
     assert error.missing == ()
 
 
+
+def test_errors_name_keys_as_the_file_spells_them(copy: Path) -> None:
+    """Old VAE attention names, a ``module.`` prefix, Whisper's ``model.encoder.``: the
+    error lists the keys the user can find in (or add to) the file, not the network's."""
+    vae_file = copy / "sd-vae" / "diffusion_pytorch_model.bin"
+    vae = torch.load(vae_file, weights_only=True)
+    old = sorted(k for k in vae if k.endswith("attentions.0.query.weight"))[0]
+    bias = old.replace("query.weight", "key.bias")
+    assert bias in vae
+    vae.pop(old)
+    vae[bias] = torch.zeros(3)
+    torch.save(vae, vae_file)
+    unet_file = copy / "musetalkV15" / "unet.pth"
+    _rewrite(unet_file, lambda s: {f"module.{k}": v for k, v in s.items()
+                                   if k != "conv_out.bias"})
+    whisper_file = copy / "whisper" / "pytorch_model.bin"
+    whisper = torch.load(whisper_file, weights_only=True)
+    gone = "model.encoder.layer_norm.bias"
+    assert gone in whisper
+    whisper.pop(gone)
+    torch.save(whisper, whisper_file)
+
+    report = {c.component: c for c in check_weights(copy).components}
+    vae_error = report["vae"].error
+    assert vae_error is not None
+    assert vae_error.missing == (old,)  # not ...attentions.0.to_q.weight
+    [mismatched] = vae_error.mismatched
+    assert mismatched.startswith(f"{bias}: expected [") and mismatched.endswith(", got [3]")
+    unet_error = report["unet"].error
+    assert unet_error is not None and unet_error.missing == ("module.conv_out.bias",)
+    whisper_error = report["whisper"].error
+    assert whisper_error is not None and whisper_error.missing == (gone,)
+    with pytest.raises(WeightsError) as caught:
+        load_networks(copy)
+    assert "module.conv_out.bias" in str(caught.value)
+
 def test_non_float_tensors_are_refused(copy: Path) -> None:
     _rewrite(copy / "musetalkV15" / "unet.pth",
              lambda s: {k: v.double() if k == "conv_out.bias" else v for k, v in s.items()})

@@ -50,7 +50,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import diffusers
 import torch
@@ -387,12 +387,12 @@ def _load_component(layout: WeightsLayout, component: Component, config: dict[st
     # for the CPU a torch file is read into memory: the tensors are then the network's own,
     # not pages of a file that could change under them
     with _open_checkpoint(path, mmap=device.type != "cpu") as checkpoint:
-        entries, extra = _normalize(checkpoint.infos, component)
-        error = _fit_error(path, layout.label(component), entries, extra, _expected(module))
+        keys = _normalize(checkpoint.infos, component)
+        error = _fit_error(path, layout.label(component), keys, _expected(module))
         if error is not None:
             raise error
         state: dict[str, torch.Tensor] = {}
-        for key, entry in entries.items():
+        for key, entry in keys.entries.items():
             tensor = checkpoint.take(entry.source)  # released by the checkpoint
             if tuple(tensor.shape) != entry.shape:
                 tensor = tensor.reshape(entry.shape)
@@ -642,16 +642,28 @@ def _is_conv_kernel(shape: tuple[int, ...]) -> bool:
     return len(shape) == 4 and shape[2:] == (1, 1)
 
 
-def _normalize(infos: Mapping[str, _Info],
-               component: Component) -> tuple[dict[str, _Entry], list[str]]:
-    """The file's tensors under the network's key names, and the file keys that cannot be
-    (a second tensor for the same key, stray Whisper keys)."""
+class _FileKeys(NamedTuple):
+    """A checkpoint's tensors under the network's key names (``entries``), the file keys
+    that have no place (``extra``: a second tensor for the same key, stray Whisper keys),
+    and ``file_key``: a network key as this file would spell it (its ``module.`` or
+    ``model.encoder.`` prefix, old VAE attention names), so that errors name keys as they
+    appear in the file."""
+
+    entries: dict[str, _Entry]
+    extra: list[str]
+    file_key: Callable[[str], str]
+
+
+def _normalize(infos: Mapping[str, _Info], component: Component) -> _FileKeys:
+    """The file's tensors under the network's key names (see :class:`_FileKeys`)."""
     names = {key: key for key in infos}
-    if names and all(key.startswith("module.") for key in names):
-        names = {key: key.removeprefix("module.") for key in names}
+    module_prefix = "module." if names and all(k.startswith("module.") for k in names) else ""
+    if module_prefix:
+        names = {key: key.removeprefix(module_prefix) for key in names}
     extra: list[str] = []
     entries: dict[str, _Entry] = {}
     prefix = _whisper_prefix(names.values()) if component == "whisper" else ""
+    old_vae = component == "vae" and any(_OLD_VAE_ATTENTION.match(n) for n in names.values())
     for source, name in names.items():
         info = infos[source]
         shape = info.shape
@@ -671,7 +683,11 @@ def _normalize(infos: Mapping[str, _Info],
             extra.append(source)
             continue
         entries[name] = _Entry(source, shape, info.dtype)
-    return entries, extra
+
+    def file_key(key: str) -> str:
+        return module_prefix + prefix + (_old_vae_key(key) if old_vae else key)
+
+    return _FileKeys(entries, extra, file_key)
 
 
 def _whisper_prefix(names: Iterable[str]) -> str:
@@ -682,33 +698,37 @@ def _whisper_prefix(names: Iterable[str]) -> str:
     return ""
 
 
-def _fit_error(path: Path, label: str, entries: Mapping[str, _Entry], extra: list[str],
+def _fit_error(path: Path, label: str, keys: _FileKeys,
                expected: Mapping[str, tuple[tuple[int, ...], str]]) -> WeightsError | None:
     """A :class:`WeightsError` listing every difference between the file and the network,
-    or ``None`` when they fit."""
-    missing = sorted(set(expected) - set(entries))
-    unexpected = sorted([entries[key].source for key in set(entries) - set(expected)] + extra)
+    or ``None`` when they fit. Every key is named as the file spells it (a missing one as
+    the file would)."""
+    entries = keys.entries
+    missing = sorted(keys.file_key(key) for key in set(expected) - set(entries))
+    unexpected = sorted([entries[key].source for key in set(entries) - set(expected)]
+                        + keys.extra)
     mismatched: list[str] = []
-    for key in sorted(set(entries) & set(expected)):
+    for key in sorted(set(entries) & set(expected), key=lambda k: entries[k].source):
         entry = entries[key]
         shape, dtype = expected[key]
         if entry.shape != shape:
-            mismatched.append(f"{key}: expected {list(shape)}, got {list(entry.shape)}")
+            mismatched.append(f"{entry.source}: expected {list(shape)}, got "
+                              f"{list(entry.shape)}")
         elif dtype in _FLOAT_DTYPES and entry.dtype not in _FLOAT_DTYPES:
-            mismatched.append(f"{key}: expected a float32, float16 or bfloat16 tensor, got "
-                              f"{entry.dtype}")
+            mismatched.append(f"{entry.source}: expected a float32, float16 or bfloat16 "
+                              f"tensor, got {entry.dtype}")
         elif dtype not in _FLOAT_DTYPES and entry.dtype != dtype:
-            mismatched.append(f"{key}: expected {dtype}, got {entry.dtype}")
+            mismatched.append(f"{entry.source}: expected {dtype}, got {entry.dtype}")
     if not (missing or unexpected or mismatched):
         return None
     parts = [f"{path}: the {label} weights do not fit the network built from its config: "
              f"{len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} "
              "mismatched"]
-    for title, keys in (("missing", missing), ("unexpected", unexpected),
-                        ("mismatched", mismatched)):
-        if keys:
-            more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
-            parts.append(f"{title}: {', '.join(keys[:5])}{more}")
+    for title, names in (("missing", missing), ("unexpected", unexpected),
+                         ("mismatched", mismatched)):
+        if names:
+            more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
+            parts.append(f"{title}: {', '.join(names[:5])}{more}")
     return WeightsError("; ".join(parts), file=str(path), missing=missing,
                         unexpected=unexpected, mismatched=mismatched)
 
@@ -795,13 +815,13 @@ def check_weights(root: str | os.PathLike[str], *,
         error = errors.get(component)
         try:
             with _open_checkpoint(path) as checkpoint:
-                entries, extra = _normalize(checkpoint.infos, component)
+                keys = _normalize(checkpoint.infos, component)
+            entries = keys.entries
             if error is None:
                 module = _as_module(_build(component, configs[component],
                                            layout.config_file(component) or layout.root,
                                            layout.label(component)))
-                error = _fit_error(path, layout.label(component), entries, extra,
-                                   _expected(module))
+                error = _fit_error(path, layout.label(component), keys, _expected(module))
         except WeightsError as exc:
             error = error or exc
         reports.append(ComponentReport(
@@ -879,7 +899,7 @@ def _check_writable(path: Path, label: str, component: Component, config: dict[s
                     state: Mapping[str, torch.Tensor]) -> None:
     expected = _expected(_as_module(_build(component, config, path, label)))
     entries = {key: _Entry(key, tuple(t.shape), _dtype_name(t.dtype)) for key, t in state.items()}
-    error = _fit_error(path, label, entries, [], expected)
+    error = _fit_error(path, label, _FileKeys(entries, [], str), expected)
     if error is not None:
         raise error
 
