@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ("route.py", ["--decisions", "300", "--sessions", "5"], "concurrent sessions: 5/5 live"),
     ("whep_first_frame.py", ["--trials", "2"], "first frame after speech"),
     ("offline_render.py", ["--seconds", "1", "--runs", "1"], "offline render of 1 s"),
+    ("offline_render.py", ["--seconds", "1", "--runs", "1", "--canvas", "1280x720"],
+     "1280x720, lite engine"),
     ("musetalk_throughput.py", ["--size", "ci", "--batches", "2", "--frames", "4",
                                 "--baseline-batch", "2", "--baseline-frames", "4",
                                 "--threads", "1"], "musetalk throughput on CPU"),
