@@ -61,8 +61,8 @@ async def verified_consent(**overrides: Any) -> VerifiedConsent:
         return await verifier.verify(token)
 
 
-async def watch(gate: Gate, verified: VerifiedConsent, **kwargs: Any
-                ) -> tuple[list[str], list[ConsentLapse], ConsentWatch]:
+def watch(gate: Gate, verified: VerifiedConsent, **kwargs: Any
+          ) -> tuple[list[str], list[ConsentLapse], ConsentWatch]:
     checks: list[str] = []
     lapses: list[ConsentLapse] = []
 
@@ -94,7 +94,7 @@ async def wait_until(predicate: Any, within: float = 3.0) -> None:
 async def test_a_lapse_ends_the_watch_with_one_reason(
         error: Exception, reason: ConsentEndReason, withdrawn: str | None) -> None:
     gate = Gate(TokenStatus.VALID, TokenStatus.VALID, error)
-    checks, lapses, w = await watch(gate, await verified_consent())
+    checks, lapses, w = watch(gate, await verified_consent())
     async with w:
         await wait_until(lambda: bool(lapses))
         await asyncio.sleep(0.15)  # it stopped: no further re-checks
@@ -108,7 +108,7 @@ async def test_a_lapse_ends_the_watch_with_one_reason(
 @pytest.mark.parametrize("error", [RuntimeError("a bug"), KeyError("x"), OSError("disk")])
 async def test_any_unexpected_error_fails_closed(error: Exception) -> None:
     verified = await verified_consent()
-    checks, lapses, w = await watch(Gate(error), verified)
+    checks, lapses, w = watch(Gate(error), verified)
     async with w:
         await wait_until(lambda: bool(lapses))
     lapse = lapses[0]
@@ -132,7 +132,7 @@ async def test_the_watch_wakes_at_expiry_and_a_real_gate_says_expired() -> None:
             return TokenStatus.VALID
 
     gate = Expiring(TokenStatus.VALID, recheck_interval_s=3600)  # the interval never fires
-    checks, lapses, w = await watch(gate, verified)
+    checks, lapses, w = watch(gate, verified)
     started = time.monotonic()
     async with w:
         await wait_until(lambda: bool(lapses), within=4.0)
@@ -160,7 +160,7 @@ async def test_a_failing_report_does_not_stop_the_watch() -> None:
 
 async def test_aclose_is_idempotent_and_leaves_no_task() -> None:
     gate = Gate(TokenStatus.VALID)
-    _, lapses, w = await watch(gate, await verified_consent())
+    _, lapses, w = watch(gate, await verified_consent())
     before = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
     w.start()
     w.start()  # once

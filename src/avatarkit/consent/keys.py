@@ -319,7 +319,7 @@ class TrustedIssuers(Mapping[str, KeySet]):
     __slots__ = ("_sets",)
 
     def __init__(self, issuers: Mapping[str, KeySet]) -> None:
-        if isinstance(issuers, KeySet) or not isinstance(issuers, Mapping) or not issuers:
+        if not isinstance(issuers, Mapping) or not issuers:  # a bare KeySet is no mapping
             raise ConfigError("must map each trusted issuer (iss) to the KeySet pinned for it",
                               field="issuers")
         sets: dict[str, KeySet] = {}

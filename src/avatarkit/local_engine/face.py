@@ -337,7 +337,7 @@ def detection_tiles(width: int, height: int, *,
 
 def _largest_first(found: list[tuple[FloatArray, float]]) -> list[FloatArray]:
     boxes = [box for box, _ in found]
-    boxes.sort(key=lambda b: float((b[2] - b[0]) * (b[3] - b[1])), reverse=True)
+    boxes.sort(key=_area, reverse=True)
     return boxes
 
 
@@ -345,8 +345,7 @@ def _merge_same_faces(found: list[tuple[FloatArray, float]]
                       ) -> list[tuple[FloatArray, float]]:
     """One box per face: of boxes whose intersection covers ``SAME_FACE_OVERLAP`` of the
     smaller one, the most confident (then the larger) is kept."""
-    ordered = sorted(found, key=lambda f: (f[1], float((f[0][2] - f[0][0]) *
-                                                       (f[0][3] - f[0][1]))), reverse=True)
+    ordered = sorted(found, key=lambda f: (f[1], _area(f[0])), reverse=True)
     kept: list[tuple[FloatArray, float]] = []
     for box, score in ordered:
         if all(_overlap_of_smaller(box, other) < SAME_FACE_OVERLAP for other, _ in kept):
@@ -359,7 +358,7 @@ def _overlap_of_smaller(a: FloatArray, b: FloatArray) -> float:
     h = min(float(a[3]), float(b[3])) - max(float(a[1]), float(b[1]))
     if w <= 0 or h <= 0:
         return 0.0
-    smaller = min(float((a[2] - a[0]) * (a[3] - a[1])), float((b[2] - b[0]) * (b[3] - b[1])))
+    smaller = min(_area(a), _area(b))
     return w * h / smaller if smaller > 0 else 0.0
 
 
@@ -374,9 +373,13 @@ def _cut_padded(frame: NDArray[np.uint8], x0: int, y0: int, side: int) -> NDArra
     return out
 
 
-def _box_area(landmarks: FloatArray) -> float:
-    box = face_box(landmarks)
+def _area(box: FloatArray) -> float:
+    """The area of an ``(x0, y0, x1, y1)`` box."""
     return float((box[2] - box[0]) * (box[3] - box[1]))
+
+
+def _box_area(landmarks: FloatArray) -> float:
+    return _area(face_box(landmarks))
 
 
 def _box_centre(landmarks: FloatArray) -> NDArray[np.float64]:
