@@ -58,7 +58,6 @@ from numpy.typing import NDArray
 from PIL import Image
 from skimage import data
 
-from avatarkit._demo import sample_speech_path
 from avatarkit.local_engine.avatar import PreparedAvatar, prepare_avatar
 from avatarkit.local_engine.musetalk.audio import WhisperFeatures, positional_encoding
 from avatarkit.local_engine.musetalk.configs import MuseTalkConfigs
@@ -66,7 +65,8 @@ from avatarkit.local_engine.musetalk.engine import MuseTalkEngine, StageTimes, r
 from avatarkit.local_engine.musetalk.options import MuseTalkOptions
 from avatarkit.local_engine.musetalk.prepare import prepare_musetalk
 from avatarkit.local_engine.musetalk.weights import random_networks
-from avatarkit.local_engine.render import read_speech
+from avatarkit.render import read_speech
+from avatarkit.samples import sample_speech_path
 
 RATE = 16_000
 FPS = 25.0

@@ -24,11 +24,11 @@ import numpy as np
 from _report import machine, percentile, write_section
 from PIL import Image
 
-from avatarkit._demo import sample_avatar_path, sample_speech_path
 from avatarkit.consent.demo import DemoConsent
 from avatarkit.disclosure.certs import generate_signing_credentials
-from avatarkit.local_engine.render import RenderResult, read_speech, render_video
 from avatarkit.media import AudioChunk
+from avatarkit.render import RenderResult, read_speech, render_video
+from avatarkit.samples import sample_avatar_path, sample_speech_path
 
 RATE = 16_000
 

@@ -14,6 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from avatarkit.catalog import Avatar
+from avatarkit.contract import Capabilities, ProviderProfile, ProviderSettings
 from avatarkit.errors import (
     ConfigError,
     ConsentCheck,
@@ -25,7 +26,6 @@ from avatarkit.errors import (
     ServerError,
 )
 from avatarkit.media import AudioFormat
-from avatarkit.providers.base import Capabilities, ProviderProfile, ProviderSettings
 from avatarkit.routing.health import (
     HealthMonitor,
     HealthSettings,

@@ -1,4 +1,4 @@
-"""Unit tests for ``avatarkit.providers._http`` (respx; no network, no real sleeping)."""
+"""Unit tests for ``avatarkit.vendor_http`` (respx; no network, no real sleeping)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from avatarkit.errors import (
     RateLimitError,
     ServerError,
 )
-from avatarkit.providers._http import (
+from avatarkit.vendor_http import (
     RETRY_STATUSES,
     RetryPolicy,
     VendorHttp,

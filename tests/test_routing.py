@@ -21,7 +21,7 @@ from avatarkit import (
     RoutingPolicy,
 )
 from avatarkit.catalog import Avatar
-from avatarkit.providers.base import ProviderSettings
+from avatarkit.contract import ProviderSettings
 from avatarkit.routing.router import Router
 
 AVATAR = Avatar(name="amelia", provider_ids={n: f"id_{n}" for n in "abcde"})

@@ -6,14 +6,15 @@
         await s.end_utterance()
 """
 
-from ._config import (
+from .catalog import Avatar
+from .config import (
     AvatarConfig,
     ConsentConfig,
     DisclosureConfig,
     KitConfig,
     SessionDefaults,
 )
-from .catalog import Avatar
+from .contract import Capabilities, ProviderProfile
 from .disclosure.label_config import LabelConfig
 from .disclosure.metadata import DisclosureMetadata
 from .errors import (
@@ -68,7 +69,6 @@ from .events import (
 from .join import JoinInfo, JoinKind
 from .kit import AvatarKit
 from .media import SUPPORTED_SAMPLE_RATES, AudioChunk, AudioFormat, AudioResampler, VideoFrame
-from .providers.base import Capabilities, ProviderProfile
 from .routing.policy import RoutingPolicy
 from .routing.router import RouteCandidate, RouteDecision
 from .session import AvatarSession, SessionState

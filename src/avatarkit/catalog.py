@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from ._config import AvatarConfig
+from .config import AvatarConfig
 from .errors import ConfigError
 
 __all__ = ["Avatar", "Catalog"]

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any, Self
 
 import httpx
 
-from ._config import KitConfig
 from .catalog import Avatar, Catalog
+from .config import KitConfig
+from .contract import Provider, ProviderSession
 from .errors import (
     AvatarKitError,
     ConfigError,
@@ -44,13 +45,12 @@ from .metering.ledger import (
     UsageReport,
 )
 from .metering.reaper import ReapOutcome, end_row, reap_orphans
-from .providers._http import new_http_client
-from .providers.base import Provider, ProviderSession
 from .providers.registry import get_provider_class
 from .routing.health import HealthMonitor, ProviderHealth
 from .routing.policy import RoutingPolicy
 from .routing.router import RouteConstraint, RouteDecision, Router
 from .session import AvatarSession
+from .vendor_http import new_http_client
 
 if TYPE_CHECKING:
     from .consent.enforce import ConsentGate

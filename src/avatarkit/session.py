@@ -45,6 +45,14 @@ from typing import TYPE_CHECKING, Self
 from pydantic import SecretStr
 
 from .catalog import Avatar
+from .contract import (
+    PlaybackFinished,
+    PlaybackStarted,
+    ProviderProfile,
+    ProviderSession,
+    SessionRequest,
+    VendorSessionEnded,
+)
 from .disclosure.metadata import DisclosureMetadata, LabelPolicy
 from .errors import (
     AllProvidersFailed,
@@ -75,14 +83,6 @@ from .events import (
 from .join import JoinInfo
 from .media import AudioChunk, AudioResampler, VideoFrame
 from .metering.ledger import cost_of
-from .providers.base import (
-    PlaybackFinished,
-    PlaybackStarted,
-    ProviderProfile,
-    ProviderSession,
-    SessionRequest,
-    VendorSessionEnded,
-)
 from .routing.policy import RoutingPolicy
 from .routing.router import RouteCandidate, RouteConstraint, RouteDecision
 

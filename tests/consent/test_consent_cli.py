@@ -1,7 +1,7 @@
 """``avatarkit consent``: keygen -> issue -> verify -> revoke -> publish -> verify refused.
 
-Driven through ``avatarkit.consent._cli.main`` (the same parser the main CLI will mount via
-``add_consent_parser``), plus one run as a separate process.
+Driven through ``avatarkit.cli.main`` (which mounts ``avatarkit.cli.consent.add_parser``), plus
+one run as a separate process.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from avatarkit.consent._cli import add_consent_parser, main, run_consent
+from avatarkit.cli import consent as consent_command
+from avatarkit.cli import main
 from avatarkit.consent.grant import (
     ConsentEvidence,
     ConsentGrant,
@@ -184,10 +185,11 @@ def test_mounts_on_another_parser(tmp_path: Path, capsys: pytest.CaptureFixture[
     parser = argparse.ArgumentParser(prog="avatarkit")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo")
-    add_consent_parser(sub)
+    consent_command.add_parser(sub)
     args = parser.parse_args(["consent", "keygen", "--out", str(tmp_path / "k.json")])
     assert args.command == "consent"
-    assert run_consent(args) == 0
+    assert args.run is consent_command.run
+    assert args.run(args) == 0
     assert IssuerKey.load(tmp_path / "k.json").kid == capsys.readouterr().out.strip()
 
 

@@ -1,5 +1,5 @@
 """The ``local`` provider's remote mode under the contract suite: the real engine server
-(:class:`~avatarkit.local_engine.server.EngineServer`, the lite engine) behind
+(:class:`~avatarkit.engine_server.server.EngineServer`, the lite engine) behind
 :class:`EngineProxy`, a fault-injecting reverse proxy.
 
 The engine server is the production code under test and has no test hooks. Everything the
@@ -62,9 +62,9 @@ from avatarkit import KitConfig
 from avatarkit.consent.authority import ConsentAuthority
 from avatarkit.consent.store import SQLiteConsentStore
 from avatarkit.emulators._base import EmulatorServer
+from avatarkit.engine_server.server import EngineServer
 from avatarkit.local_engine.engines import build_engine
 from avatarkit.local_engine.lite import LiteEngine
-from avatarkit.local_engine.server import EngineServer
 
 from ..conftest import CONSENT_GRANT, ISSUER, ISSUER_KEY, consent_config
 from ..local_engine import astronaut, portrait_file

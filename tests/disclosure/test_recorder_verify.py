@@ -32,8 +32,10 @@ import pytest_asyncio
 from numpy.typing import NDArray
 from skimage import data
 
+from avatarkit.cli import disclosure as disclosure_command
+from avatarkit.cli import main
+from avatarkit.cli.disclosure import run_disclosure, run_verify
 from avatarkit.consent.store import SQLiteConsentStore
-from avatarkit.disclosure._cli import add_disclosure_parsers, main, run_disclosure, run_verify
 from avatarkit.disclosure.c2pa import ConsentAssertion, read_manifest
 from avatarkit.disclosure.certs import SigningCredentials, generate_signing_credentials
 from avatarkit.disclosure.label import FrameLabeler, LabelConfig
@@ -163,7 +165,7 @@ def files_in(directory: Path) -> list[str]:
 
 def verify_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avatarkit")
-    add_disclosure_parsers(parser.add_subparsers(dest="command", required=True))
+    disclosure_command.add_parser(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
@@ -670,7 +672,7 @@ def test_main_dispatches_both_commands(tmp_path: Path,
 
 
 def test_importing_the_sdk_or_the_cli_loads_no_media_libraries() -> None:
-    code = ("import sys, avatarkit, avatarkit.transport, avatarkit.disclosure._cli; "
+    code = ("import sys, avatarkit, avatarkit.transport, avatarkit.cli.disclosure; "
             "heavy = {'av', 'c2pa', 'PIL', 'pywt'} & {m.split('.')[0] for m in sys.modules}; "
             "print(sorted(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -20,7 +20,7 @@ from avatarkit.emulators import EMULATORS
 from avatarkit.emulators._media import mouth_opening
 from avatarkit.emulators.did import DATA_CHANNEL_LABEL, DIDEmulator
 from avatarkit.errors import ProviderConnectionError
-from avatarkit.providers._webrtc import WebRTCReceiver
+from avatarkit.transport.receiver import WebRTCReceiver
 
 API_KEY = "did-test-key"
 AGENT = "agt_amelia"

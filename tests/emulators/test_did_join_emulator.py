@@ -23,14 +23,14 @@ from pydantic import SecretStr
 from avatarkit.emulators.did import DIDEmulator
 from avatarkit.emulators.did_livekit import DIDRoomSession
 from avatarkit.emulators.livekit import LiveKitServerEmulator
-from avatarkit.providers._http import RetryPolicy
-from avatarkit.providers._livekit import (
+from avatarkit.transport.livekit import (
     AvatarWorkerChannel,
     RoomLink,
     RoomService,
     connect_room,
     mint_token,
 )
+from avatarkit.vendor_http import RetryPolicy
 
 from ..conftest import eventually
 

@@ -27,8 +27,7 @@ from avatarkit.errors import (
     ProviderError,
     ProviderTimeoutError,
 )
-from avatarkit.providers._http import RetryPolicy
-from avatarkit.providers._livekit import (
+from avatarkit.transport.livekit import (
     AUDIO_STREAM_TOPIC,
     RPC_CLEAR_BUFFER,
     RPC_PLAYBACK_FINISHED,
@@ -43,6 +42,7 @@ from avatarkit.providers._livekit import (
     mint_token,
     ws_url,
 )
+from avatarkit.vendor_http import RetryPolicy
 
 from ..conftest import eventually
 

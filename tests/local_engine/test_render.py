@@ -18,7 +18,7 @@ from avatarkit.disclosure.certs import generate_signing_credentials
 from avatarkit.disclosure.label import FrameLabeler
 from avatarkit.disclosure.verify import verify_media
 from avatarkit.errors import ConfigError, ConsentOutOfScope, MediaFormatError, NoFaceError
-from avatarkit.local_engine.render import read_speech, render_video
+from avatarkit.render import read_speech, render_video
 
 from . import astronaut, portrait_file, shifted, write_video, write_wav
 

@@ -26,16 +26,15 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from avatarkit import KitConfig
+from avatarkit.cli import main
+from avatarkit.cli import serve as serve_command
 from avatarkit.consent.authority import ConsentAuthority
 from avatarkit.consent.keys import IssuerKey
 from avatarkit.disclosure.label import FrameLabeler
 from avatarkit.disclosure.metadata import DisclosureMetadata
 from avatarkit.disclosure.notice import verify_disclosure_notice
 from avatarkit.disclosure.watermark import WatermarkDetector, payload_for
-from avatarkit.errors import ConfigError
-from avatarkit.local_engine._serve_cli import add_serve_parser, main, run_serve
-from avatarkit.local_engine.engines import build_engine
-from avatarkit.local_engine.protocol import (
+from avatarkit.engine_server.protocol import (
     Cleared,
     ErrorMessage,
     PlaybackFinishedMessage,
@@ -46,7 +45,9 @@ from avatarkit.local_engine.protocol import (
     SessionInfo,
     server_message,
 )
-from avatarkit.local_engine.server import LATENCY_BUCKETS, EngineServer
+from avatarkit.engine_server.server import LATENCY_BUCKETS, EngineServer
+from avatarkit.errors import ConfigError
+from avatarkit.local_engine.engines import build_engine
 
 from ..conftest import AUDIENCE, ISSUER, consent_config, grant_fields, speech
 from . import astronaut, portrait_file
@@ -796,7 +797,7 @@ def serve_args(*argv: str) -> Any:
     import argparse
 
     parser = argparse.ArgumentParser(prog="avatarkit")
-    add_serve_parser(parser.add_subparsers(dest="command"))
+    serve_command.add_parser(parser.add_subparsers(dest="command"))
     return parser.parse_args(["serve", *argv])
 
 
@@ -826,14 +827,14 @@ ledger = ":memory:"
 def test_the_cli_refuses_what_it_must(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                       media: tuple[Path, Path]) -> None:
     config = write_config(tmp_path, media)
-    assert run_serve(serve_args("--host", "0.0.0.0", "--config", str(config))) == 2
+    assert serve_command.run(serve_args("--host", "0.0.0.0", "--config", str(config))) == 2
     assert "api_key" in capsys.readouterr().err
-    assert run_serve(serve_args()) == 2
+    assert serve_command.run(serve_args()) == 2
     assert "[consent]" in capsys.readouterr().err
-    assert run_serve(serve_args("--config", str(tmp_path / "none.toml"))) == 2
+    assert serve_command.run(serve_args("--config", str(tmp_path / "none.toml"))) == 2
     assert "not found" in capsys.readouterr().err
     os.environ.pop("AVATARKIT_TEST_UNSET", None)
-    assert run_serve(serve_args("--config", str(config), "--api-key",
+    assert serve_command.run(serve_args("--config", str(config), "--api-key",
                                 "env:AVATARKIT_TEST_UNSET")) == 2
     assert "AVATARKIT_TEST_UNSET" in capsys.readouterr().err
     with pytest.raises(SystemExit) as helped:
@@ -847,7 +848,7 @@ def test_avatarkit_serve_runs_until_sigint(tmp_path: Path, media: tuple[Path, Pa
     config = write_config(tmp_path, media)
     env = {**os.environ, "SERVE_TEST_KEY": KEY}
     process = subprocess.Popen(
-        [sys.executable, "-m", "avatarkit.local_engine._serve_cli", "--config", str(config),
+        [sys.executable, "-m", "avatarkit.cli", "serve", "--config", str(config),
          "--port", "0", "--api-key", "env:SERVE_TEST_KEY", "--cache-dir", str(media[1])],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -870,5 +871,5 @@ def test_avatarkit_serve_runs_until_sigint(tmp_path: Path, media: tuple[Path, Pa
 
 
 def test_main_is_the_same_command(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--host", "10.0.0.1"]) == 2  # no config: refused before anything runs
+    assert main(["serve", "--host", "10.0.0.1"]) == 2  # no config: refused before anything runs
     assert "error" in capsys.readouterr().err

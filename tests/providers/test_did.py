@@ -41,8 +41,8 @@ from avatarkit.providers import (
     ProviderSession,
     SessionRequest,
 )
-from avatarkit.providers._http import new_http_client
 from avatarkit.providers.did import DIDProvider, DIDSettings
+from avatarkit.vendor_http import new_http_client
 
 from ..conftest import CONSENT, consent_config, eventually, next_event, sdk_tasks, send_speech
 from ..contract.harness import FAST_RETRY

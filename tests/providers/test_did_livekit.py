@@ -33,8 +33,8 @@ from avatarkit.providers import (
     SessionRequest,
 )
 from avatarkit.providers._did_livekit import DIDLiveKitSession, room_for_attempt
-from avatarkit.providers._http import new_http_client
 from avatarkit.providers.did import DIDProvider, DIDSettings
+from avatarkit.vendor_http import new_http_client
 
 from ..conftest import CONSENT, consent_config, eventually, next_event, send_speech
 from ..contract.harness import FAST_RETRY

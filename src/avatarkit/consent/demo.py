@@ -17,7 +17,7 @@ from typing import Any, Self
 
 import httpx
 
-from .._config import ConsentConfig
+from ..config import ConsentConfig
 from .authority import ConsentAuthority
 from .enforce import ConsentGate
 from .keys import IssuerKey

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import httpx
 
-from .._config import ConsentConfig
 from ..catalog import Avatar
+from ..config import ConsentConfig
+from ..contract import ProviderProfile
 from ..errors import ConfigError, ConsentCheck, ConsentOutOfScope, ConsentViolation
-from ..providers.base import ProviderProfile
 from .grant import Channel, Modality
 from .keys import KeySet, TrustedIssuers
 from .status import (

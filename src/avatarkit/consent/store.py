@@ -43,16 +43,16 @@ from typing import Annotated, Any, Literal, Self, TypeVar
 import rfc8785
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from avatarkit._sqlite import SQLiteDatabase, transaction
-from avatarkit.consent.grant import AwareDatetime, ConsentGrant, Sha256Hex, StatusReference
-from avatarkit.consent.status import StatusList, TokenStatus
-from avatarkit.consent.tokens import ReplayGuard
-from avatarkit.errors import (
+from ..errors import (
     AvatarKitError,
     ConfigError,
     ConsentCheck,
     ConsentWithdrawn,
 )
+from ..sqlite import SQLiteDatabase, transaction
+from .grant import AwareDatetime, ConsentGrant, Sha256Hex, StatusReference
+from .status import StatusList, TokenStatus
+from .tokens import ReplayGuard
 
 __all__ = [
     "DEFAULT_STATUS_LIST_CAPACITY",

@@ -350,7 +350,7 @@ def demo_signing_credentials(directory: Path | None = None) -> SigningCredential
     --demo-consent``): made once in ``directory`` (default ``demo-signer`` in the state
     directory) and reused while valid, so a verifier can keep pinning the same ``root.pem``.
     Never use them for media that leaves your machine: anyone can make such a CA."""
-    from .._config import default_state_dir
+    from ..config import default_state_dir
 
     where = Path(directory) if directory is not None else default_state_dir() / "demo-signer"
     try:

@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..providers._livekit import (
+from ..transport.livekit import (
     AUDIO_STREAM_TOPIC,
     RPC_CLEAR_BUFFER,
     RPC_PLAYBACK_FINISHED,

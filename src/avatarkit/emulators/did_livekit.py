@@ -50,7 +50,7 @@ import jwt
 from aiohttp import web
 
 from ..errors import ProviderError
-from ..providers._livekit import RoomLink, connect_room, http_url
+from ..transport.livekit import RoomLink, connect_room, http_url
 from ._base import BadRequest, LedgerEntry, ProtocolError, json_message, read_json_object
 from ._livekit_worker import LiveKitAvatarWorker
 

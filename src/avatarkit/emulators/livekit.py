@@ -3,8 +3,8 @@ the RoomService API over HTTP — what vendors that render into *your* LiveKit r
 
 A real LiveKit server is a separate binary this machine cannot download; this stand-in keeps
 LiveKit's semantics where an avatar integration depends on them, and is reached in-process:
-starting it registers its URL with :func:`avatarkit.providers._livekit.register_local_server`,
-so :func:`~avatarkit.providers._livekit.connect_room` (the SDK's path to a room) and every
+starting it registers its URL with :func:`avatarkit.transport.livekit.register_local_server`,
+so :func:`~avatarkit.transport.livekit.connect_room` (the SDK's path to a room) and every
 emulator's avatar worker join its rooms as :class:`FakeParticipant` values. Media tracks are
 not emulated (no video reaches the room); data is.
 
@@ -49,7 +49,7 @@ from typing import Any
 import jwt
 from aiohttp import web
 
-from ..providers._livekit import (
+from ..transport.livekit import (
     ByteStreamHandler,
     ByteStreamSink,
     IncomingByteStream,

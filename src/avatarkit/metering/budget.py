@@ -27,7 +27,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..providers.base import ProviderProfile
+from ..contract import ProviderProfile
 from .ledger import SessionLedger
 
 __all__ = ["BudgetCap", "BudgetConfig", "BudgetGuard", "BudgetStatus", "CapUse"]

@@ -55,8 +55,8 @@ from pydantic import (
     model_validator,
 )
 
-from avatarkit._sqlite import SQLiteDatabase
-from avatarkit.errors import AvatarKitError, ConfigError, SessionStateError
+from ..errors import AvatarKitError, ConfigError, SessionStateError
+from ..sqlite import SQLiteDatabase
 
 __all__ = [
     "GroupKey",

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
+from ..contract import Provider
 from ..errors import AvatarKitError
-from ..providers.base import Provider
 from .ledger import SessionLedger, SessionRow, cost_of
 
 __all__ = ["ReapOutcome", "end_row", "reap_orphans"]

@@ -4,7 +4,7 @@ Third-party packages add providers through the ``avatarkit.providers`` entry-poi
 (``name = "package.module:ProviderClass"``) or by calling :func:`register` at import time.
 """
 
-from .base import (
+from ..contract import (
     Capabilities,
     PlaybackFinished,
     PlaybackStarted,

@@ -34,6 +34,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import SecretStr
 
+from ..contract import (
+    MaxDurationTimer,
+    PlaybackFinished,
+    PlaybackStarted,
+    ProviderSession,
+    SessionRequest,
+    VendorSessionEnded,
+    wait_unless_lost,
+)
 from ..errors import (
     InvalidRequestError,
     MediaFormatError,
@@ -44,7 +53,7 @@ from ..errors import (
 )
 from ..join import JoinInfo
 from ..media import AudioChunk
-from ._livekit import (
+from ..transport.livekit import (
     AvatarWorkerChannel,
     RoomLink,
     RoomRpcError,
@@ -52,15 +61,6 @@ from ._livekit import (
     connect_room,
     mint_token,
     ws_url,
-)
-from .base import (
-    MaxDurationTimer,
-    PlaybackFinished,
-    PlaybackStarted,
-    ProviderSession,
-    SessionRequest,
-    VendorSessionEnded,
-    wait_unless_lost,
 )
 
 if TYPE_CHECKING:

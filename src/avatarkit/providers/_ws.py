@@ -26,7 +26,7 @@ from websockets.exceptions import (
 )
 
 from ..errors import ProviderConnectionError, ProviderError
-from ._http import error_from_response
+from ..vendor_http import error_from_response
 
 __all__ = ["VendorSocket", "to_ws_url"]
 

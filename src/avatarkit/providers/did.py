@@ -53,6 +53,19 @@ from typing import Any, ClassVar, Literal
 import httpx
 from pydantic import Field, SecretStr
 
+from ..contract import (
+    Capabilities,
+    MaxDurationTimer,
+    PlaybackFinished,
+    PlaybackStarted,
+    Provider,
+    ProviderProfile,
+    ProviderSession,
+    ProviderSettings,
+    SessionRequest,
+    VendorSessionEnded,
+    wait_unless_lost,
+)
 from ..errors import (
     AuthenticationError,
     BillingError,
@@ -68,28 +81,15 @@ from ..errors import (
 )
 from ..join import JoinInfo
 from ..media import AudioChunk, AudioFormat, VideoFrame
+from ..transport.livekit import http_url
+from ..transport.receiver import WebRTCReceiver, ice_servers_from
+from ..vendor_http import VendorHttp
 from ._did_livekit import (
     ROOM_PREFIX,
     DIDLiveKitSession,
     end_room_session,
     find_room_session,
     start_room_session,
-)
-from ._http import VendorHttp
-from ._livekit import http_url
-from ._webrtc import WebRTCReceiver, ice_servers_from
-from .base import (
-    Capabilities,
-    MaxDurationTimer,
-    PlaybackFinished,
-    PlaybackStarted,
-    Provider,
-    ProviderProfile,
-    ProviderSession,
-    ProviderSettings,
-    SessionRequest,
-    VendorSessionEnded,
-    wait_unless_lost,
 )
 
 __all__ = ["DIDLiveKitSession", "DIDProvider", "DIDSession", "DIDSettings"]

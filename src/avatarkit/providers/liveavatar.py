@@ -64,19 +64,7 @@ from urllib.parse import parse_qsl, urlsplit
 import httpx
 from pydantic import Field, SecretStr
 
-from ..errors import (
-    ConfigError,
-    NotFoundError,
-    ProviderConnectionError,
-    ProviderError,
-    ProviderTimeoutError,
-    ServerError,
-)
-from ..join import JoinInfo
-from ..media import AudioChunk, AudioFormat
-from ._http import VendorHttp
-from ._ws import VendorSocket
-from .base import (
+from ..contract import (
     Capabilities,
     PlaybackFinished,
     PlaybackStarted,
@@ -87,6 +75,18 @@ from .base import (
     SessionRequest,
     VendorSessionEnded,
 )
+from ..errors import (
+    ConfigError,
+    NotFoundError,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderTimeoutError,
+    ServerError,
+)
+from ..join import JoinInfo
+from ..media import AudioChunk, AudioFormat
+from ..vendor_http import VendorHttp
+from ._ws import VendorSocket
 
 __all__ = ["LiveAvatarProvider", "LiveAvatarSession", "LiveAvatarSettings"]
 

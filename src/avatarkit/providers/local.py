@@ -31,7 +31,7 @@ process, so a failed start leaves nothing to end.
 
 Remote, the server verifies the consent token itself (the kit forwards it; vendors never see
 tokens), and the session is driven over the protocol in
-:mod:`avatarkit.local_engine.protocol`: audio over a WebSocket, media out over WHEP (viewers
+:mod:`avatarkit.engine_server.protocol`: audio over a WebSocket, media out over WHEP (viewers
 get ``JoinInfo(kind="whep")`` with a viewer-only token; :meth:`video` pulls frames with a
 WHEP client on first use). Sessions are named by the attempt's idempotency key, so the
 reaper can find and end them from another process.
@@ -49,19 +49,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from ..errors import (
-    ConfigError,
-    ErrorCategory,
-    NotFoundError,
-    ProviderConnectionError,
-    ProviderError,
-)
-from ..join import JoinInfo
-from ..local_engine.musetalk.options import MuseTalkOptions
-from ..media import AudioChunk, AudioFormat, VideoFrame
-from ._http import VendorHttp
-from ._ws import VendorSocket
-from .base import (
+from ..contract import (
     Capabilities,
     MaxDurationTimer,
     PlaybackFinished,
@@ -73,9 +61,21 @@ from .base import (
     SessionRequest,
     VendorSessionEnded,
 )
+from ..errors import (
+    ConfigError,
+    ErrorCategory,
+    NotFoundError,
+    ProviderConnectionError,
+    ProviderError,
+)
+from ..join import JoinInfo
+from ..local_engine.musetalk.options import MuseTalkOptions
+from ..media import AudioChunk, AudioFormat, VideoFrame
+from ..vendor_http import VendorHttp
+from ._ws import VendorSocket
 
 if TYPE_CHECKING:
-    from ..local_engine.protocol import SessionInfo
+    from ..engine_server.protocol import SessionInfo
     from ..local_engine.stream import EngineStream, StreamEvent
     from ..transport.webrtc import WhepClient
 
@@ -205,7 +205,7 @@ class LocalProvider(Provider):
     # -- remote ---------------------------------------------------------------------------
 
     async def _start_remote(self, api: VendorHttp, request: SessionRequest) -> RemoteSession:
-        from ..local_engine.protocol import CreateSession, SessionInfo
+        from ..engine_server.protocol import CreateSession, SessionInfo
 
         if request.consent_token is None:
             raise ConfigError("a remote engine verifies consent itself: the session must "
@@ -381,7 +381,7 @@ class RemoteSession(ProviderSession):
         await self._socket.send_json({"type": "clear_buffer"})
 
     async def _read(self) -> None:
-        from ..local_engine.protocol import (
+        from ..engine_server.protocol import (
             Cleared,
             PlaybackFinishedMessage,
             PlaybackStartedMessage,

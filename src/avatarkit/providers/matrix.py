@@ -1,6 +1,6 @@
 """The provider support matrix, built from the adapters' own profiles (``docs/providers.md``).
 
-Every row comes from a :class:`~avatarkit.providers.base.ProviderProfile` of a real adapter
+Every row comes from a :class:`~avatarkit.contract.ProviderProfile` of a real adapter
 instance, so the table cannot drift from the code: capabilities, the audio format the adapter
 sends, how viewers join, whether frames reach this process, and price, regions and declared
 latency as configured (a missing value reads "unknown", never 0 or "anywhere"). With no config,
@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from .base import Provider, ProviderProfile, ProviderSettings
+from ..contract import Provider, ProviderProfile, ProviderSettings
 from .registry import get_provider_class
 
 __all__ = ["BUILTIN_ADAPTERS", "support_matrix"]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
+from ..contract import Provider
 from ..errors import ConfigError
-from .base import Provider
 
 __all__ = ["available_providers", "canonical_name", "get_provider_class", "register"]
 

@@ -59,6 +59,17 @@ from urllib.parse import urlencode
 import httpx
 from pydantic import Field, field_validator
 
+from ..contract import (
+    Capabilities,
+    PlaybackFinished,
+    PlaybackStarted,
+    Provider,
+    ProviderProfile,
+    ProviderSession,
+    ProviderSettings,
+    SessionRequest,
+    VendorSessionEnded,
+)
 from ..errors import (
     AuthenticationError,
     BillingError,
@@ -73,20 +84,9 @@ from ..errors import (
 )
 from ..join import JoinInfo
 from ..media import AudioChunk, AudioFormat, VideoFrame
-from ._http import VendorHttp, error_from_response
-from ._webrtc import WebRTCReceiver, ice_servers_from
+from ..transport.receiver import WebRTCReceiver, ice_servers_from
+from ..vendor_http import VendorHttp, error_from_response
 from ._ws import VendorSocket, to_ws_url
-from .base import (
-    Capabilities,
-    PlaybackFinished,
-    PlaybackStarted,
-    Provider,
-    ProviderProfile,
-    ProviderSession,
-    ProviderSettings,
-    SessionRequest,
-    VendorSessionEnded,
-)
 
 __all__ = ["SimliProvider", "SimliSession", "SimliSettings"]
 

@@ -22,12 +22,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import ConfigError, NotFoundError, ProviderConnectionError, ProviderError
-from ..join import JoinInfo
-from ..media import AudioChunk, AudioFormat
-from ._http import VendorHttp
-from ._tavus_channel import AppMessageChannel, DailyChannel, WebSocketChannel
-from .base import (
+from ..contract import (
     Capabilities,
     PlaybackFinished,
     PlaybackStarted,
@@ -38,6 +33,11 @@ from .base import (
     SessionRequest,
     VendorSessionEnded,
 )
+from ..errors import ConfigError, NotFoundError, ProviderConnectionError, ProviderError
+from ..join import JoinInfo
+from ..media import AudioChunk, AudioFormat
+from ..vendor_http import VendorHttp
+from ._tavus_channel import AppMessageChannel, DailyChannel, WebSocketChannel
 
 __all__ = ["TavusConversationProperties", "TavusProvider", "TavusSession", "TavusSettings"]
 

@@ -56,7 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..errors import ConfigError, ErrorCategory, ProviderError, RateLimitError
 
 if TYPE_CHECKING:  # the router pulls in providers and the catalog; config imports this module
-    from ..providers.base import ProviderProfile
+    from ..contract import ProviderProfile
 
 __all__ = ["HealthConstraint", "HealthMonitor", "HealthSettings", "HealthState",
            "ProviderHealth"]

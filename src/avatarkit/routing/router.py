@@ -17,8 +17,8 @@ from typing import Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..catalog import Avatar
+from ..contract import ProviderProfile, ProviderSettings
 from ..errors import ConfigError, NoRouteError
-from ..providers.base import ProviderProfile, ProviderSettings
 from .policy import Metric, RoutingPolicy
 
 __all__ = ["RouteCandidate", "RouteConstraint", "RouteDecision", "Router"]

@@ -13,7 +13,7 @@ it covers, under one timestamp. This module gets them to viewers:
   HTTP rules are those of WHIP, RFC 9725) on an aiohttp application: one endpoint per stream
   id, one resource per viewer.
 * :class:`WhepClient` receives a WHEP stream into this process (the SDK uses it for a remote
-  engine), built on :class:`~avatarkit.providers._webrtc.WebRTCReceiver`.
+  engine), built on :class:`~avatarkit.transport.receiver.WebRTCReceiver`.
 * :func:`add_viewer_routes` serves ``viewer.html``: a dependency-free page that verifies the
   signed disclosure notice with WebCrypto, shows it, and plays the stream over WHEP.
 
@@ -87,7 +87,7 @@ from ..errors import (
 )
 from ..local_engine.runner import RunnerFrame
 from ..media import VideoFrame
-from ..providers._webrtc import WebRTCReceiver
+from .receiver import WebRTCReceiver
 
 __all__ = [
     "AvatarBroadcast",

@@ -30,7 +30,7 @@ import torch
 from numpy.typing import NDArray
 from torch.nn import functional
 
-from avatarkit.errors import ConfigError, MediaFormatError
+from ...errors import ConfigError, MediaFormatError
 
 if TYPE_CHECKING:
     from transformers.models.whisper.modeling_whisper import WhisperEncoder

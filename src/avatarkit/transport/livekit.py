@@ -49,7 +49,7 @@ from ..errors import (
     ProviderError,
     ProviderTimeoutError,
 )
-from ._http import RetryPolicy, VendorHttp
+from ..vendor_http import RetryPolicy, VendorHttp
 
 __all__ = [
     "AUDIO_STREAM_TOPIC",

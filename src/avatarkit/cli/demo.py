@@ -12,38 +12,58 @@
 5. Verifies the file as ``avatarkit verify`` would and prints the summary.
 
 ``--live`` then streams the avatar to a browser viewer page over WHEP until Ctrl-C
-(:mod:`avatarkit._demo_live`).
+(:mod:`avatarkit.cli.demo_live`).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import math
 import time
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ._config import KitConfig, default_state_dir
-from .events import SpeechEnded, SpeechStarted
-from .media import AudioChunk
+from ..config import KitConfig, default_state_dir
+from ..events import SpeechEnded, SpeechStarted
+from ..media import AudioChunk
+from ..samples import SAMPLE_AVATAR, sample_avatar_path, sample_speech_path
 
-__all__ = ["SAMPLE_AVATAR", "run_demo", "sample_avatar_path", "sample_speech_path"]
+__all__ = ["add_parser", "run", "run_demo"]
 
-SAMPLE_AVATAR = "sample"
 POLICY = "private"
 
 
-def sample_avatar_path() -> Path:
-    """The bundled public-domain portrait."""
-    return Path(str(files("avatarkit") / "assets" / "sample_avatar.jpg"))
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = sub.add_parser("demo", help="a talking avatar rendered on this machine: route, "
+                          "live session, demo.mp4 with every disclosure layer, verify")
+    demo.set_defaults(run=run)
+    demo.add_argument("--out", type=Path, default=Path("demo.mp4"),
+                      help="where the video goes (default: demo.mp4)")
+    demo.add_argument("--weights", type=Path, metavar="DIR",
+                      help="MuseTalk weights (the lite CPU engine renders without them)")
+    demo.add_argument("--live", action="store_true",
+                      help="then stream the avatar to a browser viewer page until Ctrl-C")
+    demo.add_argument("--host", default="127.0.0.1", help="--live: where to listen")
+    demo.add_argument("--port", type=int, default=8080, help="--live: the port (0: any)")
+    demo.add_argument("--live-seconds", type=float, help=argparse.SUPPRESS)
+    demo.add_argument("--vendor-emulator", action="store_true",
+                      help="instead: a scripted session against the offline Tavus emulator "
+                      "(consent revocation, interrupts, billing)")
+    demo.add_argument("--json", action="store_true",
+                      help="--vendor-emulator: print events as JSON lines")
 
 
-def sample_speech_path() -> Path:
-    """The bundled eSpeak NG speech clip (16 kHz mono WAV)."""
-    return Path(str(files("avatarkit") / "assets" / "sample_speech.wav"))
+def run(args: argparse.Namespace) -> int:
+    if args.vendor_emulator:
+        from .demo_vendor import run_vendor_demo
+
+        return asyncio.run(run_vendor_demo(json_lines=args.json))
+    return asyncio.run(run_demo(out=args.out, weights=args.weights, live=args.live,
+                                host=args.host, port=args.port,
+                                live_seconds=args.live_seconds))
 
 
 def demo_config(consent: dict[str, Any], *, weights: Path | None,
@@ -65,12 +85,12 @@ def demo_config(consent: dict[str, Any], *, weights: Path | None,
 async def run_demo(*, out: Path, weights: Path | None = None, live: bool = False,
                    host: str = "127.0.0.1", port: int = 8080,
                    live_seconds: float | None = None) -> int:
-    from .consent.demo import DEMO_PURPOSE, DemoConsent
-    from .consent.store import SQLiteConsentStore
-    from .disclosure.certs import demo_signing_credentials
-    from .disclosure.verify import verify_media
-    from .kit import AvatarKit
-    from .local_engine.render import read_speech, render_video
+    from ..consent.demo import DEMO_PURPOSE, DemoConsent
+    from ..consent.store import SQLiteConsentStore
+    from ..disclosure.certs import demo_signing_credentials
+    from ..disclosure.verify import verify_media
+    from ..kit import AvatarKit
+    from ..render import read_speech, render_video
 
     state = default_state_dir()
     state.mkdir(parents=True, exist_ok=True)
@@ -88,7 +108,7 @@ async def run_demo(*, out: Path, weights: Path | None = None, live: bool = False
         async with kit:
             decision = kit.route(SAMPLE_AVATAR, purpose=DEMO_PURPOSE, policy=POLICY)
             print("route      " + decision.explain().replace("\n", "\n           "))
-            from .local_engine.engines import choose_engine
+            from ..local_engine.engines import choose_engine
 
             choice = choose_engine("auto", weights=weights)
             print(f"engine     {choice.name}: {choice.reason}")
@@ -113,7 +133,7 @@ async def run_demo(*, out: Path, weights: Path | None = None, live: bool = False
         complete = report.signals == ["c2pa", "watermark", "generation-log"] and \
             report.consistent and report.manifest.state == "trusted"
         if live:
-            from ._demo_live import serve_live
+            from .demo_live import serve_live
 
             await serve_live(demo=demo, weights=weights, cache_dir=cache_dir, host=host,
                              port=port, speech=speech, seconds=live_seconds)

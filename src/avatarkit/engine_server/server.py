@@ -1,5 +1,5 @@
 """The self-hosted engine server behind ``avatarkit serve``: the wire protocol of
-:mod:`avatarkit.local_engine.protocol` on aiohttp.
+:mod:`avatarkit.engine_server.protocol` on aiohttp.
 
 :class:`EngineServer` renders avatars from its own config (``[avatars.NAME] local = "path"``)
 for clients that present a consent token the server verifies itself (``[consent]``). Each
@@ -86,8 +86,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import SecretStr, ValidationError
 
 from .. import __version__
-from .._config import KitConfig
 from ..catalog import Avatar, Catalog
+from ..config import KitConfig
 from ..errors import (
     AvatarPreparationError,
     ConfigError,
@@ -98,9 +98,11 @@ from ..errors import (
     MediaFormatError,
     SessionStateError,
 )
+from ..local_engine.engine import LipSyncEngine
+from ..local_engine.engines import EngineChoice, build_engine, choose_engine
+from ..local_engine.runner import SegmentEnd
+from ..local_engine.stream import EngineStream, PlaybackStart, StreamEvent
 from ..media import SUPPORTED_SAMPLE_RATES, AudioChunk
-from .engine import LipSyncEngine
-from .engines import EngineChoice, build_engine, choose_engine
 from .protocol import (
     API_PREFIX,
     ClearBuffer,
@@ -119,8 +121,6 @@ from .protocol import (
     quoted,
     validation_problem,
 )
-from .runner import SegmentEnd
-from .stream import EngineStream, PlaybackStart, StreamEvent
 
 if TYPE_CHECKING:
     import httpx
@@ -135,7 +135,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LATENCY_BUCKETS", "PROVIDER", "EngineServer"]
 
-logger = logging.getLogger("avatarkit.local_engine.server")
+logger = logging.getLogger("avatarkit.engine_server.server")
 
 #: the provider name consent grants must allow for this server (``providers = ["local"]``)
 PROVIDER = "local"
@@ -419,8 +419,8 @@ class EngineServer:
             raise SessionStateError("an EngineServer can only be started once")
         self._state = "running"
         from ..consent.enforce import ConsentGate
-        from ..providers._http import new_http_client
         from ..transport.webrtc import WhepEndpoint, add_viewer_routes
+        from ..vendor_http import new_http_client
 
         assert self.config.consent is not None
         try:

@@ -21,12 +21,12 @@ from typing import Any, ClassVar, Self
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from ..disclosure.label_config import LabelConfig
-from ..disclosure.metadata import DisclosureMetadata
-from ..errors import CapabilityError, ErrorCategory, ProviderConnectionError, ProviderError
-from ..join import JoinInfo, JoinKind
-from ..media import AudioChunk, AudioFormat, VideoFrame
-from ._http import RetryPolicy
+from .disclosure.label_config import LabelConfig
+from .disclosure.metadata import DisclosureMetadata
+from .errors import CapabilityError, ErrorCategory, ProviderConnectionError, ProviderError
+from .join import JoinInfo, JoinKind
+from .media import AudioChunk, AudioFormat, VideoFrame
+from .vendor_http import RetryPolicy
 
 __all__ = [
     "Capabilities",

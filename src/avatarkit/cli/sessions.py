@@ -3,17 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from typing import get_args
 
 from ..errors import ConfigError
-from .ledger import GroupKey, RowState, SessionRow
+from ..metering.ledger import GroupKey, RowState, SessionRow
 
-__all__ = ["run_sessions"]
+__all__ = ["add_parser", "run"]
 
 
-async def run_sessions(args: argparse.Namespace) -> int:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sessions = sub.add_parser("sessions", help="the session ledger: list, reap, usage")
+    sessions.set_defaults(run=run)
+    actions = sessions.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="sessions in the ledger (open ones by default)")
+    listing.add_argument("--config", required=True)
+    listing.add_argument("--all", action="store_true", help="ended ones too")
+    listing.add_argument("--json", action="store_true")
+    reap = actions.add_parser("reap", help="end sessions whose owning process died")
+    reap.add_argument("--config", required=True)
+    reap.add_argument("--json", action="store_true")
+    usage = actions.add_parser("usage", help="billed minutes and cost")
+    usage.add_argument("--config", required=True)
+    usage.add_argument("--by", default="provider",
+                       help="comma-separated: provider, tenant, avatar, plan")
+    usage.add_argument("--days", type=float, default=30.0, help="how far back (default 30)")
+    usage.add_argument("--json", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_run(args))
+
+
+async def _run(args: argparse.Namespace) -> int:
     from ..kit import AvatarKit
 
     kit = AvatarKit.from_config(args.config)

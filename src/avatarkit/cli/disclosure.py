@@ -21,21 +21,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import AvatarKitError, describe_error
 
 if TYPE_CHECKING:
-    from .verify import VerificationReport
+    from ..disclosure.verify import VerificationReport
 
 __all__ = [
     "EXIT_AI_SIGNAL",
     "EXIT_ERROR",
     "EXIT_NO_SIGNAL",
-    "add_disclosure_parsers",
-    "main",
+    "add_parser",
     "run_disclosure",
     "run_verify",
 ]
@@ -46,13 +44,13 @@ EXIT_NO_SIGNAL = 1
 EXIT_ERROR = 2
 
 
-def add_disclosure_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``disclosure`` (with ``keygen``) and ``verify`` on the main CLI's subparsers.
-    Dispatch ``args.command == "disclosure"`` to :func:`run_disclosure` and ``"verify"`` to
-    :func:`run_verify`."""
+    Each sets ``args.run``: :func:`run_disclosure` and :func:`run_verify`."""
     disclosure = sub.add_parser("disclosure", help="C2PA signing credentials for produced media",
                                 description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    disclosure.set_defaults(run=run_disclosure)
     cmds = disclosure.add_subparsers(dest="disclosure_command", required=True,
                                      metavar="ACTION")
     keygen = cmds.add_parser(
@@ -73,6 +71,7 @@ def add_disclosure_parsers(sub: argparse._SubParsersAction[argparse.ArgumentPars
         description="Reads the C2PA manifest, the invisible frame watermark and (with "
                     "--store) the generation log. Exit 0: at least one says AI-generated; "
                     "1: none does; 2: error.")
+    verify.set_defaults(run=run_verify)
     verify.add_argument("file", type=Path, metavar="FILE")
     verify.add_argument("--trust-anchor", type=Path, action="append", metavar="ROOT.pem",
                         help="PEM root whose signers are trusted (repeatable)")
@@ -106,17 +105,8 @@ def run_verify(args: argparse.Namespace) -> int:
     return EXIT_AI_SIGNAL if report.ai_generated else EXIT_NO_SIGNAL
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry (``python -m avatarkit.disclosure._cli verify FILE``) until the main
-    CLI wires :func:`add_disclosure_parsers` in."""
-    parser = argparse.ArgumentParser(prog="avatarkit")
-    add_disclosure_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return run_verify(args) if args.command == "verify" else run_disclosure(args)
-
-
 def _keygen(args: argparse.Namespace) -> int:
-    from .certs import generate_signing_credentials
+    from ..disclosure.certs import generate_signing_credentials
 
     creds = generate_signing_credentials(args.out, algorithm=args.algorithm,
                                          common_name=args.common_name, days=args.days,
@@ -150,7 +140,7 @@ def _verify(args: argparse.Namespace) -> VerificationReport:
 
 async def _verify_async(file: Path, anchors: str | None, store_path: Path | None,
                         max_frames: int) -> VerificationReport:
-    from .verify import verify_media
+    from ..disclosure.verify import verify_media
 
     if store_path is None:
         return await verify_media(file, trust_anchors_pem=anchors, max_frames=max_frames)
@@ -160,6 +150,3 @@ async def _verify_async(file: Path, anchors: str | None, store_path: Path | None
         return await verify_media(file, trust_anchors_pem=anchors, store=store,
                                   max_frames=max_frames)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -29,7 +29,6 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -38,10 +37,9 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from ..errors import AvatarKitError, ConfigError, ConsentViolation, describe_error
-from .grant import ConsentGrant
-from .keys import IssuerKey, KeySet, TrustedIssuers
-from .status import (
+from ..consent.grant import ConsentGrant
+from ..consent.keys import IssuerKey, KeySet, TrustedIssuers
+from ..consent.status import (
     FileStatusListSource,
     HttpStatusListSource,
     StatusChecker,
@@ -50,9 +48,10 @@ from .status import (
     TokenStatus,
     issue_status_list_token,
 )
-from .tokens import ConsentRequest, ConsentVerifier, issue_consent_token
+from ..consent.tokens import ConsentRequest, ConsentVerifier, issue_consent_token
+from ..errors import AvatarKitError, ConfigError, ConsentViolation, describe_error
 
-__all__ = ["add_consent_parser", "main", "run_consent"]
+__all__ = ["add_parser", "run"]
 
 #: exit status of a consent refusal (distinct from 2, usage and file errors)
 EXIT_REFUSED = 3
@@ -70,11 +69,12 @@ def _name(value: int) -> str:
     return _NAMES[TokenStatus(value)] if value in _NAMES else f"value {value}"
 
 
-def add_consent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``consent`` and its subcommands on the main CLI's subparsers."""
     consent = sub.add_parser("consent", help="issuer keys, consent tokens, status lists",
                              description=__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    consent.set_defaults(run=run)
     cmds = consent.add_subparsers(dest="consent_command", required=True, metavar="ACTION")
 
     keygen = cmds.add_parser("keygen", help="create an Ed25519 issuer key")
@@ -145,7 +145,7 @@ def add_consent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                                           "for; verifiers refuse it for another issuer")
 
 
-def run_consent(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run a parsed ``consent`` command; returns the exit status."""
     try:
         command = args.consent_command
@@ -170,14 +170,6 @@ def run_consent(args: argparse.Namespace) -> int:
     except (AvatarKitError, ValueError, OSError) as exc:
         print(f"avatarkit consent: error: {describe_error(exc)}", file=sys.stderr)
         return 2
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry (``python -m avatarkit.consent._cli consent ...``) until the main
-    CLI wires :func:`add_consent_parser` in."""
-    parser = argparse.ArgumentParser(prog="avatarkit")
-    add_consent_parser(parser.add_subparsers(dest="command", required=True))
-    return run_consent(parser.parse_args(argv))
 
 
 # -- keys and tokens ---------------------------------------------------------------------
@@ -389,6 +381,3 @@ def _publish(args: argparse.Namespace) -> int:
     print(f"{args.out}: {state.uri} signed by {key.kid}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""``avatarkit serve``: the self-hosted engine server (:mod:`avatarkit.local_engine.server`).
+"""``avatarkit serve``: the self-hosted engine server (:mod:`avatarkit.engine_server.server`).
 
     avatarkit serve --config avatarkit.toml [--host 127.0.0.1] [--port 8080]
                     [--engine auto|lite|musetalk] [--weights DIR]
@@ -25,17 +25,16 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import AvatarKitError, ConfigError, describe_error
-from ._render_cli import add_musetalk_arguments, musetalk_options
+from .render import add_musetalk_arguments, musetalk_options
 
 if TYPE_CHECKING:
-    from .server import EngineServer
+    from ..engine_server.server import EngineServer
 
-__all__ = ["add_serve_parser", "main", "run_serve"]
+__all__ = ["add_parser", "build_server", "run"]
 
 EXIT_OK = 0
 EXIT_ERROR = 2
@@ -70,13 +69,13 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                              "(default 300)")
 
 
-def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``serve`` on the main CLI's subparsers; dispatch ``args.command ==
-    "serve"`` to :func:`run_serve`."""
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``serve`` on the main CLI's subparsers (``args.run`` is :func:`run`)."""
     serve = sub.add_parser("serve", help="serve the local engine to remote clients "
                            "(REST + audio WebSocket + WHEP)", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _configure(serve)
+    serve.set_defaults(run=run)
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
@@ -107,8 +106,8 @@ def _api_key(args: argparse.Namespace) -> str | None:
 
 def build_server(args: argparse.Namespace) -> EngineServer:
     """The server ``args`` describe (raises ``ConfigError``)."""
-    from .._config import KitConfig
-    from .server import EngineServer
+    from ..config import KitConfig
+    from ..engine_server.server import EngineServer
 
     if not args.config:
         raise ConfigError("--config is required: the server verifies every session's consent "
@@ -155,7 +154,7 @@ async def _serve(server: EngineServer) -> int:
     return EXIT_OK
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``avatarkit serve`` until SIGINT/SIGTERM; 0 on a clean stop, 2 on config errors."""
     try:
         server = build_server(args)
@@ -170,14 +169,3 @@ def run_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m avatarkit.local_engine._serve_cli`` (the same as ``avatarkit serve``)."""
-    parser = argparse.ArgumentParser(prog="avatarkit serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    _configure(parser)
-    return run_serve(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

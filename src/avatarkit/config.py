@@ -32,11 +32,11 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .contract import ProviderSettings
 from .disclosure.label_config import LabelConfig
 from .disclosure.metadata import DEFAULT_NOTICE
 from .errors import ConfigError
 from .metering.budget import BudgetConfig
-from .providers.base import ProviderSettings
 from .providers.registry import available_providers, canonical_name, get_provider_class
 from .routing.health import HealthSettings
 from .routing.policy import RoutingPolicy

@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._config import KitConfig
-from .errors import ConsentViolation
-from .events import Closed, SessionEvent
-from .kit import AvatarKit
-from .media import AudioChunk
-from .session import AvatarSession
+from ..config import KitConfig
+from ..errors import ConsentViolation
+from ..events import Closed, SessionEvent
+from ..kit import AvatarKit
+from ..media import AudioChunk
+from ..session import AvatarSession
 
 if TYPE_CHECKING:
-    from .consent.authority import ConsentAuthority
+    from ..consent.authority import ConsentAuthority
 
 __all__ = ["run_vendor_demo", "speech_like"]
 
@@ -79,11 +79,11 @@ async def _demo_consent(authority: ConsentAuthority) -> tuple[str, str]:
 
 
 async def run_vendor_demo(*, json_lines: bool = False) -> int:
-    from .consent.authority import ConsentAuthority
-    from .consent.keys import IssuerKey
-    from .consent.store import SQLiteConsentStore
-    from .disclosure.notice import verify_disclosure_notice
-    from .emulators import TavusEmulator
+    from ..consent.authority import ConsentAuthority
+    from ..consent.keys import IssuerKey
+    from ..consent.store import SQLiteConsentStore
+    from ..disclosure.notice import verify_disclosure_notice
+    from ..emulators import TavusEmulator
 
     print("avatarkit demo: a scripted session against the offline Tavus emulator")
     authority = ConsentAuthority(IssuerKey.generate(), issuer=DEMO_ISSUER,

@@ -26,19 +26,19 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from ..catalog import Avatar
-from ..consent.enforce import ConsentGate
-from ..consent.store import ConsentStore
-from ..consent.tokens import VerifiedConsent
-from ..disclosure.c2pa import ConsentAssertion
-from ..disclosure.certs import SigningCredentials
-from ..disclosure.label_config import LabelConfig
-from ..disclosure.metadata import DisclosureMetadata
-from ..errors import ConfigError, MediaFormatError
-from ..media import AudioChunk
-from .avatar import PreparedAvatar, prepare_avatar
-from .engines import EngineChoice, build_engine, choose_engine
-from .runner import AvatarRunner, RunnerFrame
+from .catalog import Avatar
+from .consent.enforce import ConsentGate
+from .consent.store import ConsentStore
+from .consent.tokens import VerifiedConsent
+from .disclosure.c2pa import ConsentAssertion
+from .disclosure.certs import SigningCredentials
+from .disclosure.label_config import LabelConfig
+from .disclosure.metadata import DisclosureMetadata
+from .errors import ConfigError, MediaFormatError
+from .local_engine.avatar import PreparedAvatar, prepare_avatar
+from .local_engine.engines import EngineChoice, build_engine, choose_engine
+from .local_engine.runner import AvatarRunner, RunnerFrame
+from .media import AudioChunk
 
 __all__ = ["FaceChoice", "RenderResult", "read_speech", "render_video"]
 
@@ -241,7 +241,7 @@ async def render_video(
         consent_token_sha256=verified.token_sha256,
         label_policy="burned-in" if label.enabled else "disabled")
 
-    from ..transport.recorder import DisclosedRecorder
+    from .transport.recorder import DisclosedRecorder
 
     width, height = lip_sync.width - lip_sync.width % 2, lip_sync.height - lip_sync.height % 2
     total = max(1, math.ceil(seconds * lip_sync.fps))

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 import httpx
 import numpy as np
 
-from .media import AudioChunk
+from ..media import AudioChunk
 
 if TYPE_CHECKING:
-    from .consent.demo import DemoConsent
-    from .session import AvatarSession
+    from ..consent.demo import DemoConsent
+    from ..session import AvatarSession
 
 __all__ = ["serve_live"]
 
@@ -28,10 +28,11 @@ __all__ = ["serve_live"]
 async def serve_live(*, demo: DemoConsent, weights: Path | None, cache_dir: Path, host: str,
                      port: int, speech: list[AudioChunk], seconds: float | None) -> None:
     """Serve until cancelled (Ctrl-C) or for ``seconds``."""
-    from ._demo import POLICY, SAMPLE_AVATAR, demo_config, sample_avatar_path
-    from .consent.demo import DEMO_PURPOSE
-    from .kit import AvatarKit
-    from .local_engine.server import EngineServer
+    from ..consent.demo import DEMO_PURPOSE
+    from ..engine_server.server import EngineServer
+    from ..kit import AvatarKit
+    from ..samples import SAMPLE_AVATAR, sample_avatar_path
+    from .demo import POLICY, demo_config
 
     server_config = demo_config(demo.consent_config(), weights=weights, cache_dir=cache_dir,
                                 subject=demo.subject_ref)

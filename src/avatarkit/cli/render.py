@@ -30,8 +30,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["add_musetalk_arguments", "add_render_parser", "musetalk_options", "read_secret_arg",
-           "run_render"]
+__all__ = ["add_musetalk_arguments", "add_parser", "musetalk_options", "read_secret_arg", "run"]
 
 
 def add_musetalk_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,10 +51,11 @@ def musetalk_options(args: argparse.Namespace) -> dict[str, Any]:
     return {key: value for key, value in given if value is not None}
 
 
-def add_render_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     render = sub.add_parser("render", help="lip-sync an avatar to a speech file, into a "
                             "labelled, watermarked, C2PA-signed MP4", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    render.set_defaults(run=run)
     render.add_argument("--avatar", required=True, type=Path, metavar="IMG|VIDEO")
     render.add_argument("--audio", required=True, type=Path, metavar="SPEECH",
                         help="WAV, FLAC, MP3... (any rate; converted)")
@@ -102,16 +102,16 @@ def read_secret_arg(value: str, *, option: str) -> str:
     return value.strip()
 
 
-def run_render(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     if not args.avatar.exists():
         raise ConfigError(f"{args.avatar} does not exist", field="avatar")
     return asyncio.run(_render(args))
 
 
 async def _render(args: argparse.Namespace) -> int:
-    from .._config import KitConfig, default_state_dir
+    from ..config import KitConfig, default_state_dir
     from ..disclosure.certs import SigningCredentials, demo_signing_credentials
-    from .render import RenderResult, render_video
+    from ..render import RenderResult, render_video
 
     config = KitConfig.from_toml(args.config) if args.config else None
     label = config.disclosure.burned_label if config is not None else None

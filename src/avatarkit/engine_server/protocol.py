@@ -1,5 +1,5 @@
 """The self-hosted engine server's wire protocol (``avatarkit serve``), shared by the server
-(:mod:`avatarkit.local_engine.server`) and its client, the ``local`` provider's remote mode.
+(:mod:`avatarkit.engine_server.server`) and its client, the ``local`` provider's remote mode.
 
 HTTP, JSON bodies, ``Authorization: Bearer <api key>`` on every ``/v1`` route when the server
 has a key (always when it is bound to anything but loopback):

@@ -21,18 +21,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .musetalk.weights import WeightsReport
+    from ..local_engine.musetalk.weights import WeightsReport
 
-__all__ = ["add_weights_parser", "format_report", "run_weights"]
+__all__ = ["add_parser", "format_report", "run"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 
 
-def add_weights_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     weights = sub.add_parser("weights", help="check a MuseTalk weights folder",
                              description=__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    weights.set_defaults(run=run)
     actions = weights.add_subparsers(dest="action", required=True, metavar="ACTION")
     check = actions.add_parser("check", help="check every file of a weights folder against "
                                "the networks (keys, shapes, dtypes) without loading them")
@@ -43,12 +44,12 @@ def add_weights_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     check.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def run_weights(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``avatarkit weights ACTION``. A missing file raises ``WeightsError`` (the caller
     prints it and exits 2)."""
     if args.action != "check":
         raise AssertionError(f"unhandled weights action {args.action}")
-    from .musetalk.weights import check_weights
+    from ..local_engine.musetalk.weights import check_weights
 
     report = check_weights(args.dir, version=args.version)
     if args.json:
