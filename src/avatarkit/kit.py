@@ -27,29 +27,27 @@ import httpx
 
 from .catalog import Avatar, Catalog
 from .config import KitConfig
-from .contract import Provider, ProviderSession
+from .contract import Provider
 from .errors import (
-    AvatarKitError,
     ConfigError,
     ConsentCheck,
     ConsentRequired,
-    ProviderError,
     SessionStateError,
 )
 from .metering.budget import BudgetGuard
 from .metering.ledger import (
     GroupKey,
     SessionLedger,
-    SessionRow,
     SQLiteSessionLedger,
     UsageReport,
 )
-from .metering.reaper import ReapOutcome, end_row, reap_orphans
+from .metering.reaper import ReapOutcome, reap_orphans
 from .providers.registry import get_provider_class
 from .routing.health import HealthMonitor, ProviderHealth
 from .routing.policy import RoutingPolicy
 from .routing.router import RouteConstraint, RouteDecision, Router
-from .session import AvatarSession
+from .session import AvatarSession, SessionServices
+from .session.settling import StartSettler
 from .vendor_http import new_http_client
 
 if TYPE_CHECKING:
@@ -121,8 +119,8 @@ class AvatarKit:
             self.config.budgets, self._ledger,
             currencies=(p.profile.currency for p in self._providers.values()))
         self._background: list[asyncio.Task[None]] = []
-        self._uncertain: dict[asyncio.Task[None], tuple[Provider, SessionRow]] = {}
-        self._abandoned_starts: set[asyncio.Task[None]] = set()
+        self._settler = StartSettler(self._ledger)
+        self._services: SessionServices | None = None
         self._sessions: weakref.WeakSet[AvatarSession] = weakref.WeakSet()
         self._state = _KitState.UNOPENED
 
@@ -205,7 +203,7 @@ class AvatarKit:
         """
         if self._state is _KitState.CLOSED:
             raise SessionStateError("this AvatarKit is closed")
-        self._consent_gate()  # a kit without [consent] cannot start sessions: say so now
+        services = self._session_services()  # without [consent] no session starts: say so
         if not consent:
             raise ConsentRequired(
                 "a session needs the consent token of the person the avatar shows "
@@ -227,7 +225,7 @@ class AvatarKit:
         if policy is not None:
             self._router.policy(policy)  # raises ConfigError for unknown policies
         session = AvatarSession(
-            self,
+            services,
             avatar=self.catalog.get(avatar),
             purpose=purpose,
             policy=policy,
@@ -240,8 +238,16 @@ class AvatarKit:
         self._sessions.add(session)
         return session
 
-    def _provider(self, name: str) -> Provider:
-        return self._providers[name]
+    def _session_services(self) -> SessionServices:
+        """What sessions of this kit use (built once; needs ``[consent]``)."""
+        if self._services is None:
+            self._services = SessionServices(
+                session_defaults=self.config.session, metering=self.config.metering,
+                disclosure=self.config.disclosure, consent=self._consent_gate(),
+                providers=self._providers, route=self._route, rules=self._rules,
+                health=self._health, ledger=self._ledger, budget=self._budget,
+                sign_disclosure=self._sign_disclosure, settler=self._settler)
+        return self._services
 
     def _consent_gate(self) -> ConsentGate:
         if self._gate is None:
@@ -291,106 +297,6 @@ class AvatarKit:
     ) -> None:
         await self.aclose()
 
-    def _settle_uncertain_create(self, provider: Provider, row: SessionRow) -> None:
-        """A create call timed out or lost its connection: it may still succeed at the
-        vendor. Look for the session (by the name it was created under) for a while and end
-        it if it shows up; otherwise record that nothing was created."""
-        task = asyncio.create_task(self._settle(provider, row, _SETTLE_DELAYS, abandon=True),
-                                   name=f"avatarkit-settle-{row.row_id}")
-        self._uncertain[task] = (provider, row)
-        task.add_done_callback(lambda t: self._uncertain.pop(t, None))
-
-    def _finish_abandoned_start(self, provider: Provider, start: asyncio.Future[ProviderSession],
-                                row: SessionRow) -> None:
-        """The caller cancelled while ``start`` (a vendor start) was in flight. Let it finish
-        (for at most ``_ABANDONED_START_GRACE`` seconds) and end whatever it created, so a
-        cancelled ``kit.session()`` leaves nothing billed at any vendor, with or without a
-        way to look sessions up afterwards."""
-        task = asyncio.create_task(self._finish_start(provider, start, row),
-                                   name=f"avatarkit-abandoned-start-{row.row_id}")
-        self._abandoned_starts.add(task)
-        task.add_done_callback(self._abandoned_starts.discard)
-
-    async def _finish_start(self, provider: Provider, start: asyncio.Future[ProviderSession],
-                            row: SessionRow) -> None:
-        try:
-            async with asyncio.timeout(_ABANDONED_START_GRACE):
-                vendor = await asyncio.shield(start)
-        except ProviderError as exc:
-            if provider.may_have_created(exc):
-                await self._settle(provider, row, _SETTLE_DELAYS, abandon=True)
-            else:  # refused, or the adapter ended what it made
-                await self._ledger.mark_failed(row.row_id, reason=str(exc))
-            return
-        except (TimeoutError, asyncio.CancelledError):
-            # the kit is closing or the vendor hangs: stop waiting and look the session up
-            start.cancel()
-            with contextlib.suppress(BaseException):
-                await start
-            if not provider.uncertain_creates:  # the adapter ended what its start made
-                with contextlib.suppress(AvatarKitError):
-                    await self._ledger.mark_failed(row.row_id, reason="start abandoned")
-                return
-            with contextlib.suppress(AvatarKitError):
-                await self._settle(provider, row, (0.0,), abandon=False)
-            return
-        except Exception as exc:  # an adapter bug: it ended what it made (its contract)
-            await self._ledger.mark_failed(row.row_id, reason=f"{type(exc).__name__}: {exc}")
-            return
-        # From here a vendor session exists: a kit closing meanwhile waits for its end
-        # (bounded) instead of cancelling it half-way.
-        ending = asyncio.ensure_future(self._end_abandoned(vendor, row))
-        try:
-            await asyncio.shield(ending)
-        except asyncio.CancelledError:
-            with contextlib.suppress(BaseException):
-                await ending
-            raise
-
-    async def _end_abandoned(self, vendor: ProviderSession, row: SessionRow) -> None:
-        with contextlib.suppress(AvatarKitError):  # the row is a record; the vendor end matters
-            await self._ledger.mark_open(row.row_id, vendor_session_id=vendor.vendor_session_id,
-                                         billing_started_at=row.created_at)
-        try:
-            async with asyncio.timeout(_ABANDONED_START_GRACE):
-                await vendor.end()
-        except (ProviderError, TimeoutError) as exc:
-            logger.warning("could not end %s session %s after its start was cancelled: %s "
-                           "(left to the reaper)", row.provider, vendor.vendor_session_id, exc)
-            return
-        await self._ledger.mark_ended(row.row_id, billed_seconds=vendor.billed_seconds,
-                                      reason="start cancelled by the caller; ended")
-        logger.info("ended %s session %s: its start was cancelled by the caller",
-                    row.provider, vendor.vendor_session_id)
-
-    async def _settle(self, provider: Provider, row: SessionRow, delays: Sequence[float], *,
-                      abandon: bool) -> None:
-        """Look for ``row``'s session after each delay and end it when found. With
-        ``abandon``, a search in which the vendor always answered "none" marks the row
-        abandoned; otherwise it stays ``creating`` (the reaper's once this process ends)."""
-        certain = True  # every lookup got an answer
-        for number, delay in enumerate(delays, start=1):
-            await asyncio.sleep(delay)
-            final = abandon and certain and number == len(delays)
-            try:
-                outcome = await end_row(
-                    self._ledger, provider, row,
-                    reason="create timed out here but succeeded at the vendor; ended when found",
-                    abandon_reason="create timed out; no session appeared at the vendor"
-                    if final else None)
-            except Exception as exc:  # the ledger write failed; the vendor side is settled
-                logger.error("could not record how %s settled: %s", row.row_id, exc)
-                return
-            if outcome.action == "failed":
-                certain = False
-                logger.warning("settling %s at %s: %s", row.row_id, row.provider, outcome.error)
-            elif outcome.action == "ended":
-                logger.warning("ended %s session %s, created after its create call timed out",
-                               row.provider, outcome.vendor_session_id)
-                return
-            elif outcome.action == "abandoned":
-                return
-
     async def _probe(self, provider: str) -> None:
         await self._providers[provider].probe()
 
@@ -417,25 +323,9 @@ class AvatarKit:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._background.clear()
-        # Starts a caller cancelled: let them finish and end what they made (bounded).
-        if self._abandoned_starts:
-            _done, pending = await asyncio.wait(list(self._abandoned_starts),
-                                                timeout=_ABANDONED_START_GRACE)
-            for task in pending:
-                logger.warning("a cancelled start is still running after %.0f s; giving up "
-                               "on it (the reaper ends what it made)", _ABANDONED_START_GRACE)
-                task.cancel()
-            for task in pending:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        # Creates still unsettled: one last look at the vendor before the providers close
-        # (a row left "creating" is the reaper's once this process is gone).
-        for task, (provider, row) in list(self._uncertain.items()):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            with contextlib.suppress(AvatarKitError):
-                await self._settle(provider, row, (0.0,), abandon=False)
+        # Starts a caller cancelled, and creates still unsettled: finished and settled
+        # before the providers close.
+        await self._settler.aclose()
         await asyncio.gather(*(p.aclose() for p in self._providers.values()),
                              return_exceptions=True)
         if self._owns_ledger:
@@ -453,11 +343,6 @@ class AvatarKit:
 
 
 _DEFAULT_RULES = RoutingPolicy(objective="config-order")
-#: when to look for a session whose create call timed out (seconds between looks, ~1 min)
-_SETTLE_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
-#: How long a start the caller cancelled may still run before the kit stops waiting for it.
-_ABANDONED_START_GRACE = 60.0
-
 
 
 def _ledger_path(path: os.PathLike[str]) -> str:

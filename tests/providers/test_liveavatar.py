@@ -717,9 +717,9 @@ async def test_wait_connected_returns_when_the_session_ends_first() -> None:
 
 async def test_a_closing_kit_waits_for_the_end_of_a_cancelled_start(
         kit_for: KitMaker, monkeypatch: pytest.MonkeyPatch) -> None:
-    import avatarkit.kit as kit_module
+    from avatarkit.session import settling
 
-    monkeypatch.setattr(kit_module, "_ABANDONED_START_GRACE", 1.0)
+    monkeypatch.setattr(settling, "ABANDONED_START_GRACE", 1.0)
     async with serving() as emu:
         async with kit_for(emu) as kit:
             emu.faults.slow_next(2, 0.35, route="create")  # token, then start: ~0.7 s

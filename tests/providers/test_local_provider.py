@@ -166,7 +166,7 @@ async def test_media_without_a_face_is_a_typed_error_and_nothing_runs(
 async def test_profile_is_self_hosted_with_a_known_price(
         consent_authority: ConsentAuthority, portrait: Path, cache_dir: Path) -> None:
     async with local_kit(consent_authority, portrait, cache_dir) as kit:
-        provider = kit._provider("local")
+        provider = kit.providers["local"]
         assert isinstance(provider, LocalProvider)
         profile = provider.profile
         assert profile.self_hosted and profile.regions == frozenset({"self-hosted"})
@@ -177,7 +177,7 @@ async def test_profile_is_self_hosted_with_a_known_price(
                        regions=["eu-onprem"],
                        policies={"eu": {"residency": ["eu", "self-hosted"]}})
     async with priced:
-        profile = priced._provider("local").profile
+        profile = priced.providers["local"].profile
         assert profile.price_per_minute == Decimal("0.05")
         with pytest.raises(NoRouteError) as refused:
             priced.route("amelia", purpose="support", policy="eu")

@@ -278,7 +278,7 @@ async def test_livekit_transport_gives_a_livekit_join(emu: SimliEmulator,
         assert record.livekit_token not in repr(s.join)
         with pytest.raises(CapabilityError):
             s.video()
-        profile = kit._provider("simli").profile
+        profile = kit.providers["simli"].profile
         assert not profile.capabilities.frames_in_process
         assert profile.capabilities.join_kinds == frozenset({"livekit"})
     assert record.path == LIVEKIT_PATH and record.status == "ended"

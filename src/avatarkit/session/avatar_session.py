@@ -34,28 +34,21 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from enum import StrEnum
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
-from pydantic import SecretStr
-
-from .catalog import Avatar
-from .contract import (
+from ..catalog import Avatar
+from ..contract import (
     PlaybackFinished,
     PlaybackStarted,
-    ProviderProfile,
     ProviderSession,
-    SessionRequest,
     VendorSessionEnded,
 )
-from .disclosure.metadata import DisclosureMetadata, LabelPolicy
-from .errors import (
-    AllProvidersFailed,
+from ..disclosure.metadata import DisclosureMetadata
+from ..errors import (
     AvatarKitError,
     BudgetExceeded,
     CapabilityError,
@@ -68,8 +61,7 @@ from .errors import (
     ProviderError,
     SessionStateError,
 )
-from .events import (
-    BudgetWarning,
+from ..events import (
     Closed,
     ConsentRevoked,
     Interrupted,
@@ -78,20 +70,22 @@ from .events import (
     SessionStarted,
     SpeechEnded,
     SpeechStarted,
-    UsageUpdated,
 )
-from .join import JoinInfo
-from .media import AudioChunk, AudioResampler, VideoFrame
-from .metering.ledger import cost_of
-from .routing.policy import RoutingPolicy
-from .routing.router import RouteCandidate, RouteConstraint, RouteDecision
+from ..join import JoinInfo
+from ..media import AudioChunk, AudioResampler, VideoFrame
+from ..routing.policy import RoutingPolicy
+from ..routing.router import RouteConstraint, RouteDecision
+from .attempts import VendorAttempt, VendorAttempts, describe
+from .failover import Failover, replay
+from .metering import SessionMeter
+from .services import SessionServices
+from .utterances import Utterance
 
 if TYPE_CHECKING:
-    from .consent.store import GenerationRecord
-    from .consent.tokens import VerifiedConsent
-    from .consent.watch import ConsentLapse, ConsentWatch
-    from .kit import AvatarKit
-    from .metering.budget import BudgetConstraint, BudgetStatus
+    from ..consent.store import GenerationRecord
+    from ..consent.tokens import VerifiedConsent
+    from ..consent.watch import ConsentLapse, ConsentWatch
+    from ..metering.budget import BudgetConstraint
 
 __all__ = ["AvatarSession", "SessionState"]
 
@@ -117,74 +111,6 @@ _ALLOWED: dict[SessionState, frozenset[SessionState]] = {
 }
 
 
-@dataclass(slots=True)
-class _Utterance:
-    """One utterance: what was sent, when it started playing, and (for failover) the audio
-    itself as the caller gave it, so the unplayed part can be sent to another provider."""
-
-    id: str
-    sent_seconds: float = 0.0          # sent to the current provider
-    first_sent_at: float | None = None  # monotonic
-    playback_started_at: float | None = None  # monotonic, from the vendor's event
-    send_finished: bool = False
-    offset: float = 0.0                # seconds played at providers before the current one
-    audio: deque[AudioChunk] = field(default_factory=deque)
-    buffered_seconds: float = 0.0      # duration of ``audio``
-    dropped_seconds: float = 0.0       # audio dropped from the front (replay buffer cap)
-
-    def estimated_position(self, now: float) -> float:
-        """Seconds played so far: the time since playback began, capped by what was sent."""
-        start = self.playback_started_at or self.first_sent_at
-        if start is None:
-            return self.offset
-        return self.offset + max(0.0, min(self.sent_seconds, now - start))
-
-    def keep(self, chunk: AudioChunk, limit_s: float) -> None:
-        self.audio.append(chunk)
-        self.buffered_seconds += chunk.duration
-        while self.buffered_seconds > limit_s and len(self.audio) > 1:
-            dropped = self.audio.popleft()
-            self.buffered_seconds -= dropped.duration
-            self.dropped_seconds += dropped.duration
-
-    def forget_last(self, chunk: AudioChunk) -> None:
-        if self.audio and self.audio[-1] is chunk:
-            self.audio.pop()
-            self.buffered_seconds -= chunk.duration
-        self.sent_seconds = max(0.0, self.sent_seconds - chunk.duration)
-
-    def unplayed(self, position: float) -> list[AudioChunk]:
-        """The kept audio from ``position`` seconds into the utterance on."""
-        out: list[AudioChunk] = []
-        at = self.dropped_seconds
-        for chunk in self.audio:
-            end = at + chunk.duration
-            if end > position:
-                skip = max(0, round((position - at) * chunk.sample_rate))
-                if skip:
-                    frames = chunk.samples.reshape(-1, chunk.channels)[skip:]
-                    chunk = AudioChunk(frames.reshape(-1).copy(), chunk.sample_rate,
-                                       chunk.channels)
-                out.append(chunk)
-            at = end
-        return out
-
-
-@dataclass(slots=True)
-class _Attempt:
-    """One vendor session of this session (the first, a fallback or a failover)."""
-
-    provider: str
-    profile: ProviderProfile
-    vendor: ProviderSession
-    row_id: str
-    disclosure: DisclosureMetadata
-    recorded_end: bool = False
-
-    def cost(self) -> Decimal | None:
-        return cost_of(self.vendor.billed_seconds, self.profile.price_per_minute)
-
-
 class AvatarSession:
     """A talking-avatar session. Get one from ``kit.session(...)`` and use it with ``async with``.
 
@@ -196,7 +122,7 @@ class AvatarSession:
 
     def __init__(
         self,
-        kit: AvatarKit,
+        services: SessionServices,
         *,
         avatar: Avatar,
         purpose: str,
@@ -214,28 +140,28 @@ class AvatarSession:
         self.policy = policy
         self.tenant = tenant
         self._consent = consent
-        self._kit = kit
-        self._rules: RoutingPolicy = kit._rules(policy)
+        self._services = services
+        self._gate = services.consent
+        self._rules: RoutingPolicy = services.rules(policy)
         # audio kept per utterance for a failover's replay (0: no failover, keep nothing)
-        self._replay_limit_s = kit.config.session.replay_buffer_s if self._rules.failover else 0.0
+        self._replay_limit_s = (services.session_defaults.replay_buffer_s
+                                if self._rules.failover else 0.0)
         self.interrupt_ack_timeout = interrupt_ack_timeout
-        self._max_duration_s = max_duration_s
-        self._close_timeout = close_timeout
+        self._attempts = VendorAttempts(
+            services, session_id=self.session_id, generation_id=self.generation_id,
+            avatar=avatar, purpose=purpose, tenant=tenant, consent=consent,
+            max_duration_s=max_duration_s, close_timeout=close_timeout)
+        self._metering = SessionMeter(
+            services, self._attempts, session_id=self.session_id, tenant=tenant,
+            rules=self._rules, publish=self._publish, end_session=self._close_soon)
+        self._failover = Failover(self._switch_provider, name=f"{self.session_id}-failover")
 
         self._state = SessionState.CREATED
         self._route: RouteDecision | None = None
-        self._current: _Attempt | None = None
-        self._attempts: list[_Attempt] = []
-        self._attempt_counter = 0
-        self._failed_providers: set[str] = set()
         self._resampler: AudioResampler | None = None
         self._pump: asyncio.Task[None] | None = None
         self._meter: asyncio.Task[None] | None = None
-        self._failover_task: asyncio.Task[None] | None = None  # the latest
-        self._failover_tasks: set[asyncio.Task[None]] = set()  # every one not finished
-        self._failover_from: _Attempt | None = None
         self._switch_lock = asyncio.Lock()
-        self._send_failures = 0
         self._start_finished = asyncio.Event()
         self._close_task: asyncio.Task[None] | None = None
         self._vendor_failure: VendorSessionEnded | None = None
@@ -244,10 +170,9 @@ class AvatarSession:
         self._notice: str | None = None
         self._consent_watch: ConsentWatch | None = None
         self._budget: BudgetConstraint | None = None
-        self._warned: set[str] = set()
 
-        self._sending: _Utterance | None = None  # utterance currently being sent
-        self._unfinished: dict[str, _Utterance] = {}  # sent, not yet reported finished
+        self._sending: Utterance | None = None  # utterance currently being sent
+        self._unfinished: dict[str, Utterance] = {}  # sent, not yet reported finished
         self._ack: asyncio.Future[PlaybackFinished] | None = None
         self._ack_target: str | None = None
 
@@ -289,8 +214,12 @@ class AvatarSession:
         return self._verified
 
     @property
+    def _current(self) -> VendorAttempt | None:
+        return self._attempts.current
+
+    @property
     def _vendor(self) -> ProviderSession | None:
-        return self._current.vendor if self._current else None
+        return self._attempts.current.vendor if self._attempts.current else None
 
     @property
     def provider(self) -> str | None:
@@ -300,7 +229,7 @@ class AvatarSession:
     @property
     def providers_used(self) -> list[str]:
         """Every provider that rendered this session, in order (more than one after failover)."""
-        return [a.provider for a in self._attempts]
+        return self._attempts.providers_used
 
     @property
     def vendor_session_id(self) -> str | None:
@@ -311,13 +240,13 @@ class AvatarSession:
     def billed_seconds(self) -> float:
         """Seconds billed for this session so far, over every provider it used (each from its
         create to its confirmed end)."""
-        return sum(a.vendor.billed_seconds for a in self._attempts)
+        return self._attempts.billed_seconds
 
     @property
     def cost(self) -> Decimal | None:
         """Cost so far where prices are known (``None`` when no provider used has a price;
         see ``UsageUpdated.unpriced_seconds`` for the unpriced part)."""
-        return self._usage()[1]
+        return self._metering.usage()[1]
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -331,7 +260,7 @@ class AvatarSession:
         """Verify consent, route, start a vendor session (falling back down the route on
         retryable failures), go live. ``async with`` calls this for you."""
         self._transition(SessionState.STARTING)
-        gate = self._kit._consent_gate()
+        gate = self._gate
         try:
             # Consent first: nothing reaches a vendor without a verified, in-scope token.
             self._verified = verified = await gate.admit(
@@ -343,7 +272,9 @@ class AvatarSession:
                 await gate.log(self._record("consent_refused", status_check=str(exc.check),
                                             details={"error": type(exc).__name__}))
                 raise
-            attempt = await self._open_ranked(decision.ranked)
+            attempt = await self._attempts.open_ranked(
+                decision.ranked, rules=self._rules, verified=verified, budget=self._budget,
+                decision=decision)
         except BaseException as exc:
             self._start_finished.set()
             if self._state is SessionState.STARTING:
@@ -354,7 +285,7 @@ class AvatarSession:
         self._start_finished.set()
         if self._state is not SessionState.STARTING:  # aclose() was called while starting
             return
-        from .consent.watch import ConsentWatch
+        from ..consent.watch import ConsentWatch
 
         async def log_check(status_check: str) -> None:
             await gate.log(self._record("status_check", status_check=status_check))
@@ -362,7 +293,7 @@ class AvatarSession:
         self._consent_watch = ConsentWatch(
             gate, verified, on_lapse=self._consent_lapsed, on_check=log_check,
             name=f"{self.session_id}-consent").start()
-        self._meter = asyncio.create_task(self._run_meter(), name=f"{self.session_id}-meter")
+        self._meter = asyncio.create_task(self._metering.run(), name=f"{self.session_id}-meter")
         self._transition(SessionState.LIVE)
         await gate.log(self._record("session_started", status_check="valid"))
         assert self._notice is not None
@@ -381,15 +312,15 @@ class AvatarSession:
         refusal; when budgets exclude every one the policy and consent allow, a budget one.
         Both are ``PolicyViolation``: never retried, never failed over.
         """
-        from .consent.enforce import ConsentRouteConstraint
+        from ..consent.enforce import ConsentRouteConstraint
 
         constraints: list[RouteConstraint] = [ConsentRouteConstraint(verified)]
-        self._budget = await self._budget_constraint()
+        self._budget = await self._metering.budget_constraint()
         if self._budget is not None:
             constraints.append(self._budget)
         try:
-            return self._kit._route(self.avatar, purpose=self.purpose, policy=self.policy,
-                                    constraints=constraints)
+            return self._services.route(self.avatar, purpose=self.purpose, policy=self.policy,
+                                        constraints=constraints)
         except NoRouteError as exc:
             decision = exc.decision
             assert isinstance(decision, RouteDecision)
@@ -408,123 +339,17 @@ class AvatarSession:
                 + decision.explain(), check=check, consent_id=verified.consent_id,
             ) from None
 
-    async def _budget_constraint(self) -> BudgetConstraint | None:
-        guard = self._kit._budget
-        if not guard.applies(self._rules.budget):
-            return None
-        seconds, cost, _ = self._usage()
-        statuses: dict[str, BudgetStatus] = {}
-        for name, provider in self._kit._providers.items():
-            statuses[name] = await guard.status(
-                profile=provider.profile, tenant=self.tenant, session_cap=self._rules.budget,
-                own_seconds=seconds, own_cost=cost or Decimal(0), starting=True)
-        return guard.exclusions(statuses)
-
-    async def _open_ranked(self, candidates: Sequence[RouteCandidate]) -> _Attempt:
-        """Open the first candidate that starts. Falls back on retryable provider failures
-        (when the policy allows); a permanent one or a policy violation stops at once."""
-        errors: list[ProviderError] = []
-        for candidate in candidates:
-            try:
-                return await self._open(candidate)
-            except ProviderError as exc:
-                self._kit._health.record_failure(candidate.provider, exc)
-                if errors:
-                    exc.add_note("tried before: " + "; ".join(str(e) for e in errors))
-                errors.append(exc)
-                if exc.category.is_permanent or not self._rules.fallback:
-                    raise
-                logger.warning("session %s: %s failed to start (%s); trying the next provider",
-                               self.session_id, candidate.provider, exc)
-        if not errors:
-            raise NoRouteError("no provider is left to try", decision=self._route)
-        if len(errors) == 1:
-            raise errors[0]
-        raise AllProvidersFailed(f"all {len(errors)} providers failed to start", errors)
-
-    async def _open(self, candidate: RouteCandidate) -> _Attempt:
-        """Start one vendor session, with its ledger row written before the create call."""
-        kit = self._kit
-        name = candidate.provider
-        provider = kit._provider(name)
-        profile = provider.profile
-        assert candidate.avatar_id is not None and self._verified is not None
-        disclosure = self._disclosure(name, profile, self._verified)
-        self._attempt_counter += 1
-        attempt_no = self._attempt_counter
-        # the session's cap covers every vendor attempt, failovers included
-        max_duration = max(1.0, self._max_duration_s - self.billed_seconds)
-        status = self._budget.status(name) if self._budget is not None else None
-        if status is not None:
-            max_duration = min(max_duration, max(1.0, status.seconds_left))
-        request = SessionRequest(
-            session_id=self.session_id,
-            avatar=self.avatar.name,
-            avatar_id=candidate.avatar_id,
-            idempotency_key=f"avk-{self.session_id}-{attempt_no}",
-            disclosure=disclosure,
-            purpose=self.purpose,
-            max_duration_s=max_duration,
-            consent_token=SecretStr(self._consent) if profile.self_hosted else None,
-            burned_label=(self._kit.config.disclosure.burned_label
-                          if disclosure.label_policy == "burned-in" else None),
-        )
-        row = await kit._ledger.begin(
-            session_id=self.session_id, attempt=attempt_no, provider=name,
-            provider_kind=provider.name, idempotency_key=request.idempotency_key,
-            avatar=self.avatar.name, tenant=self.tenant, purpose=self.purpose,
-            plan=provider.settings.plan, price_per_minute=profile.price_per_minute,
-            currency=profile.currency)
-        requested = time.monotonic()
-        requested_at = datetime.now(UTC)
-        # A caller that gives up (cancels) does not cancel the vendor start: the create may
-        # already be billed, and only the finished start knows what to end.
-        start = asyncio.ensure_future(provider.start(request))
-        try:
-            vendor = await asyncio.shield(start)
-        except ProviderError as exc:
-            if provider.may_have_created(exc):
-                # The create may have reached the vendor and succeed there after we gave up:
-                # the kit looks for it by the session's name and ends it.
-                kit._settle_uncertain_create(provider, row)
-            else:  # the vendor refused, or the adapter ended what it created: nothing billed
-                await asyncio.shield(kit._ledger.mark_failed(row.row_id,
-                                                             reason=_describe(exc)))
-            raise
-        except asyncio.CancelledError:
-            kit._finish_abandoned_start(provider, start, row)  # ends what the start makes
-            raise
-        except BaseException as exc:
-            await asyncio.shield(kit._ledger.mark_failed(row.row_id, reason=_describe(exc)))
-            raise
-        # Vendors bill from the create call; count from when it was sent (never less).
-        vendor.billing_started_at = min(vendor.billing_started_at, requested)
-        try:
-            await kit._ledger.mark_open(row.row_id, vendor_session_id=vendor.vendor_session_id,
-                                        billing_started_at=requested_at)
-        except BaseException:
-            await asyncio.shield(self._end_quietly(vendor))
-            raise
-        kit._health.record_success(name, latency_ms=(time.monotonic() - requested) * 1000)
-        return _Attempt(name, profile, vendor, row.row_id, disclosure)
-
-    async def _end_quietly(self, vendor: ProviderSession) -> None:
-        with contextlib.suppress(ProviderError, TimeoutError):
-            async with asyncio.timeout(self._close_timeout):
-                await vendor.end()
-
-    def _attach(self, attempt: _Attempt) -> None:
+    def _attach(self, attempt: VendorAttempt) -> None:
         """Make ``attempt`` the live vendor session: its audio format, notice and signals."""
-        self._current = attempt
-        self._attempts.append(attempt)
+        self._attempts.attach(attempt)
         self._resampler = AudioResampler(attempt.profile.audio_format)
-        self._notice = self._kit._sign_disclosure(attempt.disclosure)
-        self._send_failures = 0
+        self._notice = self._services.sign_disclosure(attempt.disclosure)
+        self._failover.send_failures = 0
         self._pump = asyncio.create_task(self._pump_signals(attempt.vendor),
                                          name=f"{self.session_id}-pump")
 
     def _record(self, kind: str, **fields: object) -> GenerationRecord:
-        from .consent.store import GenerationRecord
+        from ..consent.store import GenerationRecord
 
         verified = self._verified
         current = self._current
@@ -559,143 +384,58 @@ class AvatarSession:
             self._close_task = asyncio.create_task(self._do_close(reason),
                                                    name=f"{self.session_id}-close")
 
-    # -- metering and budgets ----------------------------------------------------------------
-
-    def _usage(self) -> tuple[float, Decimal | None, float]:
-        """(billed seconds, cost of the priced part or None, unpriced seconds). Cost is in the
-        current provider's currency; time billed in another currency counts as unpriced here
-        (the ledger keeps each attempt's own cost and currency)."""
-        seconds = unpriced = 0.0
-        cost: Decimal | None = None
-        currency = self._current.profile.currency if self._current else None
-        for attempt in self._attempts:
-            billed = attempt.vendor.billed_seconds
-            seconds += billed
-            part = attempt.cost() if attempt.profile.currency == currency else None
-            if part is None:
-                unpriced += billed
-            else:
-                cost = part if cost is None else cost + part
-        return seconds, cost, unpriced
-
-    def _usage_event(self, *, final: bool) -> UsageUpdated:
-        seconds, cost, unpriced = self._usage()
-        current = self._current
-        return UsageUpdated(
-            session_id=self.session_id, provider=current.provider if current else "",
-            billed_seconds=seconds, cost=cost,
-            currency=current.profile.currency if current else "USD",
-            unpriced_seconds=unpriced, final=final)
-
-    async def _run_meter(self) -> None:
-        """``UsageUpdated`` every ``[metering] usage_interval_s``; with budgets, a check every
-        ``check_interval_s`` (sooner as a cap nears) that warns at ``warn_at`` and ends the
-        session ``end_margin_s`` before the first cap it would cross."""
-        interval = self._kit.config.metering.usage_interval_s
-        guard = self._kit._budget if self._kit._budget.applies(self._rules.budget) else None
-        last_report = time.monotonic()
-        while True:
-            wait = interval - (time.monotonic() - last_report)
-            current = self._current
-            if guard is not None and current is not None:
-                seconds, cost, _ = self._usage()
-                try:
-                    status = await guard.status(
-                        profile=current.profile, tenant=self.tenant,
-                        session_cap=self._rules.budget, own_seconds=seconds,
-                        own_cost=cost or Decimal(0), starting=False)
-                except Exception as exc:  # the ledger is busy or unreadable: try again
-                    logger.warning("session %s: budget check failed: %s", self.session_id, exc)
-                    await asyncio.sleep(guard.config.check_interval_s)
-                    continue
-                margin = guard.config.end_margin_s
-                for cap in status.caps:
-                    if cap.fraction >= guard.config.warn_at and cap.name not in self._warned:
-                        self._warned.add(cap.name)
-                        self._publish(BudgetWarning(
-                            session_id=self.session_id, cap=cap.name, unit=cap.unit,
-                            used=cap.used.quantize(Decimal("0.0001")), limit=cap.limit,
-                            ends_in_s=max(0.0, cap.seconds_left - margin)))
-                binding = status.binding
-                if binding is not None and binding.seconds_left <= margin:
-                    logger.warning("session %s: ending before budget cap %s (%.4f of %s)",
-                                   self.session_id, binding.name, binding.used, binding.limit)
-                    self._close_soon(f"budget: {binding.name}")
-                    return
-                if binding is not None:
-                    wait = min(wait, guard.config.check_interval_s,
-                               max(0.01, binding.seconds_left - margin))
-            await asyncio.sleep(max(0.0, wait))
-            if time.monotonic() - last_report >= interval:
-                last_report = time.monotonic()
-                self._publish(self._usage_event(final=False))
-
     # -- failover ----------------------------------------------------------------------------
 
-    def _start_failover(self, dead: _Attempt, reason: str,
+    def _start_failover(self, dead: VendorAttempt, reason: str,
                         error: ProviderError | None) -> asyncio.Task[None]:
-        """The failover away from ``dead``: one per dead attempt. A new session that dies
-        while the previous switch is still finishing gets its own, run after that one."""
-        running = self._failover_task
-        if running is not None and not running.done() and self._failover_from is dead:
-            return running
-        self._failover_from = dead
-        self._failover_task = task = asyncio.create_task(
-            self._failover(dead, reason, error, after=running),
-            name=f"{self.session_id}-failover")
-        self._failover_tasks.add(task)
-        task.add_done_callback(self._failover_tasks.discard)
-        return task
+        return self._failover.start(dead, reason, error)
 
-    async def _failover(self, dead: _Attempt, reason: str, error: ProviderError | None, *,
-                        after: asyncio.Task[None] | None = None) -> None:
+    async def _switch_provider(self, dead: VendorAttempt, reason: str,
+                               error: ProviderError | None) -> None:
         """Move the session from ``dead`` to the next allowed provider, replaying the unplayed
         audio; close the session when no provider is left."""
-        if after is not None and not after.done():
-            await asyncio.wait([after])  # its outcome is its own; our cancellation stops us
         async with self._switch_lock:
             if self._current is not dead or self._state is not SessionState.LIVE:
                 return
             logger.warning("session %s: %s session %s died (%s); failing over", self.session_id,
                            dead.provider, dead.vendor.vendor_session_id, reason)
-            self._kit._health.record_failure(
+            self._services.health.record_failure(
                 dead.provider, error or ProviderConnectionError(reason, provider=dead.provider))
-            self._failed_providers.add(dead.provider)
+            self._failover.failed_providers.add(dead.provider)
             if self._pump is not None and self._pump is not asyncio.current_task():
                 self._pump.cancel()
             # A dropped channel may leave the old session open (and billed): end it first.
-            await self._retire(dead, f"failover: {reason}")
+            await self._attempts.retire(dead, f"failover: {reason}")
             if self._ack is not None and not self._ack.done():
                 self._ack.cancel()
             try:
                 assert self._verified is not None
                 # A new vendor session is a new use of the likeness: consent must still hold.
-                await self._kit._consent_gate().recheck(self._verified, fresh_within_s=0)
+                await self._gate.recheck(self._verified, fresh_within_s=0)
                 decision = await self._routed(self._verified)
-                # Other providers first; the ones that died in this session only after them
-                # (a new session at the same vendor; health cools a vendor that keeps dying).
-                ranked = decision.ranked
-                attempt = await self._open_ranked(
-                    [c for c in ranked if c.provider not in self._failed_providers]
-                    + [c for c in ranked if c.provider in self._failed_providers])
+                attempt = await self._attempts.open_ranked(
+                    self._failover.ranked(decision.ranked), rules=self._rules,
+                    verified=self._verified, budget=self._budget, decision=decision)
             except (AvatarKitError, ExceptionGroup) as exc:
                 if isinstance(exc, ConsentViolation):
-                    from .consent.watch import ConsentLapse
+                    from ..consent.watch import ConsentLapse
 
                     self._publish_withdrawn(ConsentLapse.of(exc))
                 logger.error("session %s: failover found no provider: %s", self.session_id, exc)
                 self._vendor_failure = VendorSessionEnded(reason=reason, billing_stopped=True,
                                                           error=error)
-                self._close_soon(f"vendor: {reason}; failover failed: {_describe(exc)}")
+                self._close_soon(f"vendor: {reason}; failover failed: {describe(exc)}")
                 return
             if self._state is not SessionState.LIVE:  # closed meanwhile: end it, count it
-                self._attempts.append(attempt)
-                await self._retire(attempt, "closed during failover")
+                self._attempts.record(attempt)
+                await self._attempts.retire(attempt, "closed during failover")
                 return
             self._route = decision
             self._attach(attempt)
-            replayed = await self._replay(attempt)
-        await self._kit._consent_gate().log(self._record(
+            assert self._resampler is not None
+            replayed = await replay(attempt, list(self._unfinished.values()), self._sending,
+                                    self._resampler, session_id=self.session_id)
+        await self._gate.log(self._record(
             "provider_switched", details={"from": dead.provider, "to": attempt.provider,
                                           "reason": reason}))
         assert self._notice is not None
@@ -706,63 +446,6 @@ class AvatarSession:
             vendor_session_id=attempt.vendor.vendor_session_id, replayed_seconds=replayed))
         logger.info("session %s: switched from %s to %s (%s), %.2f s replayed", self.session_id,
                     dead.provider, attempt.provider, attempt.vendor.vendor_session_id, replayed)
-
-    async def _replay(self, attempt: _Attempt) -> float:
-        """Send the unplayed part of every unfinished utterance to the new provider (the
-        oldest from where playback got to, later ones whole). Returns seconds replayed."""
-        now = time.monotonic()
-        replayed = 0.0
-        resampler = self._resampler
-        assert resampler is not None
-        for index, utterance in enumerate(list(self._unfinished.values())):
-            position = utterance.estimated_position(now) if index == 0 else utterance.offset
-            position = max(position, utterance.dropped_seconds)
-            chunks = utterance.unplayed(position)
-            utterance.offset = position
-            utterance.sent_seconds = 0.0
-            utterance.playback_started_at = None
-            utterance.first_sent_at = now if chunks else None
-            try:
-                for chunk in chunks:
-                    converted = resampler.process(chunk)
-                    utterance.sent_seconds += chunk.duration
-                    replayed += chunk.duration
-                    if converted.num_frames:
-                        await attempt.vendor.send_audio(converted, utterance_id=utterance.id)
-                if utterance is not self._sending:  # finished sending before the switch
-                    tail = resampler.flush()
-                    if tail.num_frames:
-                        await attempt.vendor.send_audio(tail, utterance_id=utterance.id)
-                    await attempt.vendor.end_utterance(utterance_id=utterance.id)
-            except ProviderError as exc:
-                logger.warning("session %s: replay to %s failed: %s", self.session_id,
-                               attempt.provider, exc)
-                break
-        return replayed
-
-    async def _retire(self, attempt: _Attempt, reason: str) -> BaseException | None:
-        """End ``attempt`` at its vendor (within the close timeout) and close its ledger row.
-        Returns the failure when the vendor could not confirm (the row then stays open)."""
-        vendor = attempt.vendor
-        failure: BaseException | None = None
-        try:
-            async with asyncio.timeout(self._close_timeout):
-                await vendor.end()
-        except (ProviderError, TimeoutError) as exc:
-            logger.warning("session %s: ending %s session %s failed: %s", self.session_id,
-                           attempt.provider, vendor.vendor_session_id, exc)
-            failure = exc
-        if vendor.ended and not attempt.recorded_end:
-            try:
-                await self._kit._ledger.mark_ended(
-                    attempt.row_id, ended_at=datetime.now(UTC),
-                    billed_seconds=vendor.billed_seconds, cost=attempt.cost(), reason=reason)
-            except Exception as exc:  # the vendor end stands; closing again retries the row
-                logger.error("session %s: could not record the end of %s: %s",
-                             self.session_id, attempt.row_id, exc)
-            else:
-                attempt.recorded_end = True
-        return failure
 
     # -- closing ------------------------------------------------------------------------------
 
@@ -799,14 +482,14 @@ class AvatarSession:
         # Shielded: cancelling the caller must not abandon a half-done vendor end.
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(self._close_task)
-        unended = [a for a in self._attempts if not a.vendor.ended]
+        unended = [a for a in self._attempts.all if not a.vendor.ended]
         if not unended:
             return
         error = self._end_failure
         if retry:
             error = None
             for attempt in unended:
-                error = await self._retire(attempt, "closed") or error
+                error = await self._attempts.retire(attempt, "closed") or error
         if error is None:
             return
         vendor = unended[-1].vendor
@@ -826,24 +509,22 @@ class AvatarSession:
         me = asyncio.current_task()
         if self._consent_watch is not None:
             await self._consent_watch.aclose()
-        for task in (*self._failover_tasks, self._pump, self._meter):
+        await self._failover.aclose()
+        for task in (self._pump, self._meter):
             if task is not None and task is not me and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._pump = self._consent_watch = self._meter = self._failover_task = None
+        self._pump = self._consent_watch = self._meter = None
         if self._ack is not None and not self._ack.done():
             self._ack.cancel()
-        self._end_failure = None
-        for attempt in self._attempts:
-            if not attempt.vendor.ended or not attempt.recorded_end:
-                self._end_failure = await self._retire(attempt, reason) or self._end_failure
+        self._end_failure = await self._attempts.retire_unended(reason)
         if self._vendor_failure is not None and reason == "closed":
             reason = f"vendor: {self._vendor_failure.reason}"
         if self._verified is not None and self._current is not None:
             await self._log_quietly(self._record("session_ended", details={
                 "reason": reason, "billed_seconds": round(self.billed_seconds, 3),
-                "vendor_ended": all(a.vendor.ended for a in self._attempts),
+                "vendor_ended": self._attempts.all_ended,
                 "providers": ",".join(self.providers_used)}))
         vendor_error = self._vendor_failure.error if self._vendor_failure else None
         self._finish_close(reason=reason, error=self._end_failure or vendor_error)
@@ -851,20 +532,20 @@ class AvatarSession:
     async def _log_quietly(self, record: GenerationRecord) -> None:
         """Log to the generation log without letting a store failure wedge a close."""
         try:
-            await self._kit._consent_gate().log(record)
+            await self._gate.log(record)
         except Exception as exc:
             logger.error("session %s: could not log %s: %s", self.session_id, record.kind, exc)
 
     def _finish_close(self, *, reason: str, error: BaseException | None) -> None:
         current = self._current
         if current is not None:
-            self._publish(self._usage_event(final=True))
+            self._publish(self._metering.usage_event(final=True))
         self._publish(Closed(
             session_id=self.session_id,
             reason=reason,
             provider=current.provider if current else None,
             billed_seconds=self.billed_seconds if current else None,
-            vendor_ended=all(a.vendor.ended for a in self._attempts),
+            vendor_ended=self._attempts.all_ended,
             error=str(error) if error else None,
         ))
         self._transition(SessionState.CLOSED)
@@ -886,7 +567,7 @@ class AvatarSession:
             current = self._live_attempt("send_audio()")
             utterance = self._sending
             if utterance is None:
-                utterance = self._sending = _Utterance(id=f"utt_{uuid.uuid4().hex[:16]}")
+                utterance = self._sending = Utterance(id=f"utt_{uuid.uuid4().hex[:16]}")
                 self._unfinished[utterance.id] = utterance
             assert self._resampler is not None
             converted = self._resampler.process(chunk)
@@ -901,22 +582,23 @@ class AvatarSession:
                 except ProviderError as exc:
                     failure = exc
                 else:
-                    self._send_failures = 0
+                    self._failover.send_failures = 0
         if failure is not None:
             await self._after_send_failure(current, utterance, chunk, failure)
 
-    async def _after_send_failure(self, attempt: _Attempt, utterance: _Utterance,
+    async def _after_send_failure(self, attempt: VendorAttempt, utterance: Utterance,
                                   chunk: AudioChunk, error: ProviderError) -> None:
         """A send to ``attempt`` failed. If the session moves (or already moved) to another
         provider, the chunk is part of the replay and nothing is lost; otherwise it is
         dropped from the replay buffer and the error raised."""
-        task = self._failover_task
+        failover = self._failover
+        task = failover.task
         if self._current is attempt and (task is None or task.done()):
-            self._send_failures += 1
-            limit = self._kit.config.session.failover_after_send_failures
-            if self._rules.failover and self._send_failures >= limit:
+            failover.send_failures += 1
+            limit = self._services.session_defaults.failover_after_send_failures
+            if self._rules.failover and failover.send_failures >= limit:
                 task = self._start_failover(
-                    attempt, f"{self._send_failures} consecutive send failures", error)
+                    attempt, f"{failover.send_failures} consecutive send failures", error)
         if task is not None and not task.done():
             await asyncio.shield(task)
         if self._current is not attempt and self._state is SessionState.LIVE:
@@ -1016,7 +698,7 @@ class AvatarSession:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _live_attempt(self, what: str) -> _Attempt:
+    def _live_attempt(self, what: str) -> VendorAttempt:
         current = self._current
         if current is not None and self._vendor_failure is not None:
             # The vendor side died: say so with its typed error, not just "closed".
@@ -1031,22 +713,8 @@ class AvatarSession:
     def _live_vendor(self, what: str) -> ProviderSession:
         return self._live_attempt(what).vendor
 
-    def _latest_unfinished(self) -> _Utterance | None:
+    def _latest_unfinished(self) -> Utterance | None:
         return next(reversed(self._unfinished.values()), None)
-
-    def _disclosure(self, provider: str, profile: ProviderProfile,
-                    verified: VerifiedConsent) -> DisclosureMetadata:
-        cfg = self._kit.config.disclosure
-        if not profile.self_hosted:
-            policy: LabelPolicy = "viewer-ui"  # the vendor renders; the viewer UI labels
-        else:
-            policy = "burned-in" if cfg.burned_label.enabled else "disabled"
-        return DisclosureMetadata(
-            label=cfg.label, notice=cfg.notice, generator=f"avatarkit/{_version()}",
-            generation_id=self.generation_id, provider=provider, avatar=self.avatar.name,
-            consent_id=verified.consent_id, consent_token_sha256=verified.token_sha256,
-            label_policy=policy,
-        )
 
     def _publish(self, event: SessionEvent) -> None:
         self._history.append(event)
@@ -1094,19 +762,6 @@ class AvatarSession:
             signal.interrupted or utterance_id == self._ack_target
         ):
             self._ack.set_result(signal)
-
-
-def _describe(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("avatarkit")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def _end_error(vendor: ProviderSession, exc: BaseException) -> AvatarKitError:
