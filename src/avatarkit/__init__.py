@@ -77,10 +77,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SUPPORTED_SAMPLE_RATES",
+    "AllProvidersFailed",
     "AudioChunk",
     "AudioFormat",
     "AudioResampler",
-    "AllProvidersFailed",
     "AuthenticationError",
     "Avatar",
     "AvatarConfig",
@@ -138,11 +138,11 @@ __all__ = [
     "SessionStarted",
     "SessionState",
     "SessionStateError",
-    "WeightsError",
     "SpeechEnded",
     "SpeechStarted",
     "UsageUpdated",
     "VideoFrame",
+    "WeightsError",
     "__version__",
     "parse_event",
 ]

@@ -48,6 +48,7 @@ __all__ = [
     "KitConfig",
     "MeteringConfig",
     "SessionDefaults",
+    "default_state_dir",
 ]
 
 _toml_path: ContextVar[Path | None] = ContextVar("avatarkit_toml_path", default=None)
@@ -84,7 +85,7 @@ def default_state_dir() -> Path:
     return Path(base) / "avatarkit"
 
 
-def default_ledger_path() -> Path:
+def _default_ledger_path() -> Path:
     """``sessions.db`` in :func:`default_state_dir`: a file that outlives the process, so
     that a crash leaves rows the reaper can find."""
     return default_state_dir() / "sessions.db"
@@ -100,7 +101,7 @@ class MeteringConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    ledger: Path = Field(default_factory=default_ledger_path)
+    ledger: Path = Field(default_factory=_default_ledger_path)
     usage_interval_s: float = Field(default=30.0, gt=0, le=3600,
                                     description="How often live sessions send UsageUpdated.")
     heartbeat_interval_s: float = Field(

@@ -52,9 +52,10 @@ from enum import StrEnum
 from typing import Self
 
 __all__ = [
-    "AuthenticationError",
     "AllProvidersFailed",
+    "AuthenticationError",
     "AvatarKitError",
+    "AvatarPreparationError",
     "BillingError",
     "BudgetExceeded",
     "CapabilityError",
@@ -68,9 +69,12 @@ __all__ = [
     "ConsentViolation",
     "ConsentWithdrawn",
     "ErrorCategory",
+    "FaceTooSmallError",
     "InvalidConsentToken",
     "InvalidRequestError",
     "MediaFormatError",
+    "MediaReadError",
+    "NoFaceError",
     "NoRouteError",
     "NotFoundError",
     "PolicyViolation",
@@ -81,11 +85,8 @@ __all__ = [
     "ResidencyViolation",
     "ServerError",
     "SessionStateError",
-    "AvatarPreparationError",
-    "MediaReadError",
-    "NoFaceError",
-    "FaceTooSmallError",
     "WeightsError",
+    "describe_error",
 ]
 
 

@@ -9,7 +9,7 @@ chunk-by-chunk one-shot resample clicks at every boundary).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import soxr
@@ -23,6 +23,7 @@ __all__ = [
     "AudioChunk",
     "AudioFormat",
     "AudioResampler",
+    "AudioVideoFrame",
     "VideoFrame",
 ]
 
@@ -32,7 +33,7 @@ SUPPORTED_SAMPLE_RATES: frozenset[int] = frozenset(
 )
 #: Longest single chunk accepted; send longer audio as a stream of chunks.
 MAX_CHUNK_SECONDS = 10.0
-MAX_CHANNELS = 8
+_MAX_CHANNELS = 8
 
 _RATES_TEXT = ", ".join(str(r) for r in sorted(SUPPORTED_SAMPLE_RATES))
 
@@ -58,9 +59,9 @@ def _check_channels(channels: object) -> int:
         raise MediaFormatError(
             f"got {type(channels).__name__}", field="channels", expected="an int"
         )
-    if not 1 <= int(channels) <= MAX_CHANNELS:
+    if not 1 <= int(channels) <= _MAX_CHANNELS:
         raise MediaFormatError(
-            f"got {channels}", field="channels", expected=f"1 to {MAX_CHANNELS}"
+            f"got {channels}", field="channels", expected=f"1 to {_MAX_CHANNELS}"
         )
     return int(channels)
 
@@ -341,3 +342,18 @@ class VideoFrame:
 
     def __repr__(self) -> str:
         return f"VideoFrame({self.width}x{self.height} {self.format} @ {self.timestamp:.3f}s)"
+
+
+class AudioVideoFrame(Protocol):
+    """One picture and exactly the audio it plays, under one timestamp: what a lip-sync
+    engine's runner yields (:class:`avatarkit.local_engine.runner.RunnerFrame`) and what
+    transports (WebRTC tracks, MP4 recorders) consume, so neither side imports the other."""
+
+    @property
+    def video(self) -> VideoFrame: ...
+
+    @property
+    def audio(self) -> AudioChunk: ...
+
+    @property
+    def timestamp(self) -> float: ...

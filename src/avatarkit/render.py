@@ -40,10 +40,16 @@ from .local_engine.engines import EngineChoice, build_engine, choose_engine
 from .local_engine.runner import AvatarRunner, RunnerFrame
 from .media import AudioChunk
 
-__all__ = ["FaceChoice", "RenderResult", "read_speech", "render_video"]
+__all__ = [
+    "FaceChoice",
+    "ProgressCallback",
+    "RenderResult",
+    "read_speech",
+    "render_video",
+]
 
 #: the region label an offline render on this machine carries (consent scopes may name it)
-SELF_HOSTED = "self-hosted"
+_SELF_HOSTED = "self-hosted"
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -150,7 +156,7 @@ def read_speech(path: str | os.PathLike[str], *,
             for i in range(0, samples.size, sample_rate)]
 
 
-def consent_assertion(verified: VerifiedConsent, *, purpose: str,
+def _consent_assertion(verified: VerifiedConsent, *, purpose: str,
                       generation_id: str) -> ConsentAssertion:
     """The C2PA consent assertion for a recorded generation under ``verified``."""
     status = verified.status_ref
@@ -218,7 +224,7 @@ async def render_video(
     verified = await gate.admit(
         consent, avatar=Avatar(name=name, consent_subject=consent_subject, local=str(media)),
         purpose=purpose, generation_id=generation, channel="recorded")
-    verified.check_route("local", SELF_HOSTED)
+    verified.check_route("local", _SELF_HOSTED)
 
     choice = choose_engine(engine, weights=weights)
     if max_side is not None and choice.name != "lite":
@@ -251,7 +257,7 @@ async def render_video(
         out, width=width, height=height, fps=round(lip_sync.fps),
         audio_sample_rate=lip_sync.sample_rate, disclosure=disclosure, label=label,
         credentials=credentials,
-        consent=consent_assertion(verified, purpose=purpose, generation_id=generation),
+        consent=_consent_assertion(verified, purpose=purpose, generation_id=generation),
         store=store if store is not None else gate.store, preset=preset, overwrite=overwrite)
     bar = _Progress(total, enabled=progress, callback=on_progress)
     started = time.perf_counter()

@@ -47,23 +47,23 @@ from . import (
 __all__ = ["main"]
 
 #: the command modules, in the order ``avatarkit --help`` lists them
-COMMANDS = (demo, emulate, providers, route, sessions, consent, disclosure, render, serve,
+_COMMANDS = (demo, emulate, providers, route, sessions, consent, disclosure, render, serve,
             weights)
 
 
-def parser() -> argparse.ArgumentParser:
-    """The ``avatarkit`` argument parser, with every command registered."""
+def _parser() -> argparse.ArgumentParser:
+    """The ``avatarkit`` argument _parser, with every command registered."""
     top = argparse.ArgumentParser(prog="avatarkit", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS:
+    for command in _COMMANDS:
         command.add_parser(sub)
     return top
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``avatarkit`` command; returns its exit status (2 for an SDK error)."""
-    args = parser().parse_args(argv)
+    args = _parser().parse_args(argv)
     try:
         status: int = args.run(args)
     except AvatarKitError as exc:

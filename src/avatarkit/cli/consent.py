@@ -54,7 +54,7 @@ from ..errors import AvatarKitError, ConfigError, ConsentViolation, describe_err
 __all__ = ["add_parser", "run"]
 
 #: exit status of a consent refusal (distinct from 2, usage and file errors)
-EXIT_REFUSED = 3
+_EXIT_REFUSED = 3
 
 _SET_STATUS = {"revoke": TokenStatus.INVALID, "suspend": TokenStatus.SUSPENDED,
                "reinstate": TokenStatus.VALID}
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown consent command {command!r}")
     except ConsentViolation as exc:
         print(f"refused: {exc.check.value}: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
+        return _EXIT_REFUSED
     except (AvatarKitError, ValueError, OSError) as exc:
         print(f"avatarkit consent: error: {describe_error(exc)}", file=sys.stderr)
         return 2

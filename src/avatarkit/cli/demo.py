@@ -26,15 +26,18 @@ from typing import Any
 
 import numpy as np
 
-from ..config import KitConfig, default_state_dir
+from ..config import default_state_dir
 from ..events import SpeechEnded, SpeechStarted
 from ..media import AudioChunk
-from ..samples import SAMPLE_AVATAR, sample_avatar_path, sample_speech_path
+from ..samples import (
+    SAMPLE_AVATAR,
+    SAMPLE_POLICY,
+    sample_avatar_path,
+    sample_config,
+    sample_speech_path,
+)
 
 __all__ = ["add_parser", "run", "run_demo"]
-
-POLICY = "private"
-
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser("demo", help="a talking avatar rendered on this machine: route, "
@@ -66,22 +69,6 @@ def run(args: argparse.Namespace) -> int:
                                 live_seconds=args.live_seconds))
 
 
-def demo_config(consent: dict[str, Any], *, weights: Path | None,
-                cache_dir: Path | None, subject: str, **local: Any) -> KitConfig:
-    """A kit with only the local provider, the sample avatar and a self-hosted-only policy."""
-    return KitConfig(
-        providers={"local": {"engine": "auto", "weights": weights, "cache_dir": cache_dir,
-                             **local}},
-        avatars={SAMPLE_AVATAR: {"display_name": "Sample (public-domain portrait)",
-                                 "local": str(sample_avatar_path()),
-                                 "consent_subject": subject}},
-        policies={POLICY: {"description": "self-hosted only: nothing leaves this machine",
-                           "self_hosted_only": True}},
-        consent=consent,
-        metering={"ledger": ":memory:"},
-    )
-
-
 async def run_demo(*, out: Path, weights: Path | None = None, live: bool = False,
                    host: str = "127.0.0.1", port: int = 8080,
                    live_seconds: float | None = None) -> int:
@@ -101,12 +88,12 @@ async def run_demo(*, out: Path, weights: Path | None = None, live: bool = False
     async with DemoConsent(SAMPLE_AVATAR, store=SQLiteConsentStore(store_path)) as demo:
         print(f"consent    {demo.consent_id}: demo grant for the sample avatar, recorded in "
               f"{store_path}")
-        config = demo_config(demo.consent_config(), weights=weights, cache_dir=cache_dir,
+        config = sample_config(demo.consent_config(), weights=weights, cache_dir=cache_dir,
                              subject=demo.subject_ref)
         kit = AvatarKit(config, status_source=demo.authority.source,
                         consent_store=demo.authority.store)
         async with kit:
-            decision = kit.route(SAMPLE_AVATAR, purpose=DEMO_PURPOSE, policy=POLICY)
+            decision = kit.route(SAMPLE_AVATAR, purpose=DEMO_PURPOSE, policy=SAMPLE_POLICY)
             print("route      " + decision.explain().replace("\n", "\n           "))
             from ..local_engine.engines import choose_engine
 
@@ -145,7 +132,7 @@ async def _live_check(kit: Any, token: str, speech: list[AudioChunk]) -> tuple[f
     latency (first audio chunk to the first frame that shows it) and the frame rate."""
     step = 320  # 20 ms at 16 kHz
     audio = np.concatenate([chunk.samples.reshape(-1) for chunk in speech])[: 2 * 16_000]
-    async with kit.session(SAMPLE_AVATAR, consent=token, purpose="demo", policy=POLICY) as s:
+    async with kit.session(SAMPLE_AVATAR, consent=token, purpose="demo", policy=SAMPLE_POLICY) as s:
         frames = 0
         first_at = 0.0
 

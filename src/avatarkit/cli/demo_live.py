@@ -31,10 +31,9 @@ async def serve_live(*, demo: DemoConsent, weights: Path | None, cache_dir: Path
     from ..consent.demo import DEMO_PURPOSE
     from ..engine_server.server import EngineServer
     from ..kit import AvatarKit
-    from ..samples import SAMPLE_AVATAR, sample_avatar_path
-    from .demo import POLICY, demo_config
+    from ..samples import SAMPLE_AVATAR, SAMPLE_POLICY, sample_avatar_path, sample_config
 
-    server_config = demo_config(demo.consent_config(), weights=weights, cache_dir=cache_dir,
+    server_config = sample_config(demo.consent_config(), weights=weights, cache_dir=cache_dir,
                                 subject=demo.subject_ref)
     server = EngineServer(server_config, host=host, port=port, engine="auto",
                           weights=str(weights) if weights is not None else None,
@@ -43,12 +42,12 @@ async def serve_live(*, demo: DemoConsent, weights: Path | None, cache_dir: Path
                           avatar_dir=sample_avatar_path().parent)
     async with server:
         # the kit talks to the server as it would to a GPU box: `url = ...`
-        config = demo_config(demo.consent_config(), weights=None, cache_dir=None,
+        config = sample_config(demo.consent_config(), weights=None, cache_dir=None,
                              subject=demo.subject_ref, url=server.url)
         kit = AvatarKit(config, status_source=demo.authority.source,
                         consent_store=demo.authority.store)
         async with kit, kit.session(SAMPLE_AVATAR, consent=demo.token, purpose=DEMO_PURPOSE,
-                                    policy=POLICY) as session:
+                                    policy=SAMPLE_POLICY) as session:
             async with httpx.AsyncClient(base_url=server.url) as http:
                 listed = (await http.get("/v1/sessions")).json()["sessions"]
             viewer = server.url + listed[0]["viewer_url"]

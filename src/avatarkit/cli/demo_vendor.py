@@ -30,11 +30,11 @@ if TYPE_CHECKING:
 
 __all__ = ["run_vendor_demo", "speech_like"]
 
-DEMO_KEY = "demo-key"
-DEMO_ISSUER = "https://consent.demo.invalid"
-DEMO_AUDIENCE = "avatarkit-demo"
-DEMO_FACE = "r_demo_amelia"
-PRICE_PER_MINUTE = "0.32"  # illustrative; Tavus' list price is not published
+_DEMO_KEY = "demo-key"
+_DEMO_ISSUER = "https://consent.demo.invalid"
+_DEMO_AUDIENCE = "avatarkit-demo"
+_DEMO_FACE = "r_demo_amelia"
+_PRICE_PER_MINUTE = "0.32"  # illustrative; Tavus' list price is not published
 
 
 def speech_like(seconds: float, *, sample_rate: int = 48_000, f0: float = 140.0) -> np.ndarray:
@@ -66,10 +66,10 @@ async def _demo_consent(authority: ConsentAuthority) -> tuple[str, str]:
     """Amelia's recorded consent: her avatar, for demos, on Tavus, for a day."""
     now = datetime.now(UTC)
     grant, token = await authority.grant(
-        audience=DEMO_AUDIENCE,
+        audience=_DEMO_AUDIENCE,
         subject={"subject_ref": "subj_amelia_demo", "display_name": "Amelia (demo)"},
         grantor={"role": "self", "grantor_ref": "subj_amelia_demo"},
-        avatars=["amelia"], vendor_ids={"tavus": [DEMO_FACE]}, purposes=["demo"],
+        avatars=["amelia"], vendor_ids={"tavus": [_DEMO_FACE]}, purposes=["demo"],
         channels=["live"], providers=["tavus"],
         valid_from=now - timedelta(minutes=1), expires_at=now + timedelta(days=1),
         evidence={"recording_sha256": "0" * 64, "storage_ref": "demo://consent/amelia.mp4",
@@ -86,18 +86,18 @@ async def run_vendor_demo(*, json_lines: bool = False) -> int:
     from ..emulators import TavusEmulator
 
     print("avatarkit demo: a scripted session against the offline Tavus emulator")
-    authority = ConsentAuthority(IssuerKey.generate(), issuer=DEMO_ISSUER,
+    authority = ConsentAuthority(IssuerKey.generate(), issuer=_DEMO_ISSUER,
                                  store=SQLiteConsentStore(":memory:"), status_ttl_s=1)
-    async with authority, TavusEmulator(api_keys=[DEMO_KEY], faces=[DEMO_FACE]) as emulator:
+    async with authority, TavusEmulator(api_keys=[_DEMO_KEY], faces=[_DEMO_FACE]) as emulator:
         print(f"emulator   {emulator.url}")
         consent_id, token = await _demo_consent(authority)
-        print(f"consent    {consent_id} recorded; token issued by {DEMO_ISSUER}")
+        print(f"consent    {consent_id} recorded; token issued by {_DEMO_ISSUER}")
         config = KitConfig(
-            providers={"tavus": {"api_key": DEMO_KEY, "base_url": emulator.url,
-                                 "channel": "websocket", "price_per_minute": PRICE_PER_MINUTE}},
-            avatars={"amelia": {"display_name": "Amelia", "tavus": DEMO_FACE,
+            providers={"tavus": {"api_key": _DEMO_KEY, "base_url": emulator.url,
+                                 "channel": "websocket", "price_per_minute": _PRICE_PER_MINUTE}},
+            avatars={"amelia": {"display_name": "Amelia", "tavus": _DEMO_FACE,
                                 "consent_subject": "subj_amelia_demo"}},
-            consent={"audience": DEMO_AUDIENCE, "issuers": [DEMO_ISSUER],
+            consent={"audience": _DEMO_AUDIENCE, "issuers": [_DEMO_ISSUER],
                      "jwks": authority.jwks(), "recheck_interval_s": 0.5},
             # the demo's emulator dies with it: nothing for a reaper to find later
             metering={"ledger": ":memory:"},
@@ -139,7 +139,7 @@ async def run_vendor_demo(*, json_lines: bool = False) -> int:
               + ", ".join(sorted({r.kind for r in log})))
         billed = session.billed_seconds
         print(f"billed     {billed:.2f} s on {session.provider} "
-              f"(${float(PRICE_PER_MINUTE) * billed / 60:.4f} at ${PRICE_PER_MINUTE}/min)")
+              f"(${float(_PRICE_PER_MINUTE) * billed / 60:.4f} at ${_PRICE_PER_MINUTE}/min)")
         print(f"vendor     {emulator.open_sessions} open sessions, "
               f"{emulator.billed_seconds:.2f} s billed by the emulator")
         return 0 if emulator.open_sessions == 0 else 1

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = ["add_parser", "build_server", "run"]
 
-EXIT_OK = 0
-EXIT_ERROR = 2
+_EXIT_OK = 0
+_EXIT_ERROR = 2
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
@@ -137,7 +137,7 @@ async def _serve(server: EngineServer) -> int:
         except OSError as exc:
             print(f"avatarkit serve: error: cannot listen on {server.host}:{server.port}: "
                   f"{exc.strerror or exc}", file=sys.stderr)
-            return EXIT_ERROR
+            return _EXIT_ERROR
         try:
             print(f"avatarkit serve: listening on {server.url}", flush=True)
             print(f"engine     {server.choice.name}: {server.choice.reason}", flush=True)
@@ -151,7 +151,7 @@ async def _serve(server: EngineServer) -> int:
     finally:
         for signum in handled:
             loop.remove_signal_handler(signum)
-    return EXIT_OK
+    return _EXIT_OK
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,12 +160,12 @@ def run(args: argparse.Namespace) -> int:
         server = build_server(args)
     except AvatarKitError as exc:
         print(f"avatarkit serve: error: {describe_error(exc)}", file=sys.stderr)
-        return EXIT_ERROR
+        return _EXIT_ERROR
     try:
         return asyncio.run(_serve(server))
     except AvatarKitError as exc:
         print(f"avatarkit serve: error: {describe_error(exc)}", file=sys.stderr)
-        return EXIT_ERROR
+        return _EXIT_ERROR
     except KeyboardInterrupt:
         return 130
 

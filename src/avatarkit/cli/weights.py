@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
 __all__ = ["add_parser", "format_report", "run"]
 
-EXIT_OK = 0
-EXIT_FAILED = 1
+_EXIT_OK = 0
+_EXIT_FAILED = 1
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=2))
     else:
         print(format_report(report))
-    return EXIT_OK if report.ok else EXIT_FAILED
+    return _EXIT_OK if report.ok else _EXIT_FAILED
 
 
 def format_report(report: WeightsReport) -> str:

@@ -55,7 +55,7 @@ class _ConfiguredStatusSource(StatusListSource):
                           "[consent.status_lists] or use an http(s) URI")
 
 
-def trusted_issuers(config: ConsentConfig) -> TrustedIssuers:
+def _trusted_issuers(config: ConsentConfig) -> TrustedIssuers:
     """``[consent]``'s issuers, each with the key set pinned for it (``jwks``)."""
     sets: dict[str, KeySet] = {}
     single = not isinstance(config.jwks, dict) or "keys" in config.jwks  # one JWKS, one issuer
@@ -120,7 +120,7 @@ class ConsentGate:
         store: ConsentStore | None = None,
         clock: Callable[[], float] = time.time,
     ) -> ConsentGate:
-        keys = trusted_issuers(config)
+        keys = _trusted_issuers(config)
         source = status_source or _ConfiguredStatusSource(config.status_lists, http)
         checker = StatusChecker(keys, source, max_age_s=config.max_status_age_s, clock=clock)
         owns_store = store is None

@@ -24,9 +24,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 __all__ = [
     "ANY",
-    "AwareDatetime",
-    "Sha256Hex",
     "DEFAULT_PROHIBITED_PURPOSES",
+    "AwareDatetime",
     "Channel",
     "ConsentEvidence",
     "ConsentGrant",
@@ -34,6 +33,7 @@ __all__ = [
     "GrantorRole",
     "LikenessSubject",
     "Modality",
+    "Sha256Hex",
     "StatusReference",
     "new_consent_id",
 ]
@@ -85,8 +85,8 @@ def _distinct(values: list[str]) -> list[str]:
 
 AwareDatetime = Annotated[datetime, AfterValidator(_aware)]
 Sha256Hex = Annotated[str, AfterValidator(_sha256_hex)]
-NonEmptyList = Annotated[list[str], Field(min_length=1), AfterValidator(_distinct)]
-OptionalList = Annotated[list[str], AfterValidator(_distinct)]
+_NonEmptyList = Annotated[list[str], Field(min_length=1), AfterValidator(_distinct)]
+_OptionalList = Annotated[list[str], AfterValidator(_distinct)]
 
 
 class _Frozen(BaseModel):
@@ -144,21 +144,21 @@ class ConsentGrant(_Frozen):
     subject: LikenessSubject
     grantor: Grantor
     #: logical avatar names (``[avatars.X]`` in the kit config) this consent covers
-    avatars: NonEmptyList
+    avatars: _NonEmptyList
     #: provider -> vendor-side ids (face, replica, avatar uuid) the consent allows there
-    vendor_ids: dict[str, NonEmptyList] = Field(default_factory=dict)
+    vendor_ids: dict[str, _NonEmptyList] = Field(default_factory=dict)
     modalities: Annotated[list[Modality], Field(min_length=1)] = ["face_video", "voice"]
-    purposes: NonEmptyList
+    purposes: _NonEmptyList
     #: purposes never allowed under this grant, even if a caller asks; defaults to the
     #: research notes' default-deny list minus anything explicitly granted
-    purposes_prohibited: OptionalList = Field(default_factory=list)
+    purposes_prohibited: _OptionalList = Field(default_factory=list)
     channels: Annotated[list[Channel], Field(min_length=1)] = ["live", "recorded"]
     #: BCP-47 tags, or ``["*"]`` for any language
-    languages: NonEmptyList = [ANY]
+    languages: _NonEmptyList = [ANY]
     #: allowed provider names; None means any provider
-    providers: OptionalList | None = None
+    providers: _OptionalList | None = None
     #: allowed regions (e.g. ``eu``, ``us``, ``self-hosted``); None means any region
-    regions: OptionalList | None = None
+    regions: _OptionalList | None = None
     valid_from: AwareDatetime
     expires_at: AwareDatetime
     evidence: ConsentEvidence

@@ -38,10 +38,16 @@ from jwt.api_jws import PyJWS
 from ..errors import ConfigError, ConsentCheck, InvalidConsentToken
 
 __all__ = [
+    "ALGORITHM",
+    "MAX_JWS_LENGTH",
     "IssuerKey",
     "KeySet",
     "TrustedIssuers",
+    "b64url",
     "jwk_thumbprint",
+    "parse_compact",
+    "signature_valid",
+    "unb64url",
 ]
 
 #: The only JWS algorithm avatarkit signs or accepts.
@@ -368,14 +374,14 @@ class TrustedIssuers(Mapping[str, KeySet]):
                                               for iss, keys in self._sets.items()) + "})"
 
 
-class CompactJws(NamedTuple):
+class _CompactJws(NamedTuple):
     """A compact JWS split and decoded, signature not yet checked."""
 
     header: dict[str, Any]
     payload: dict[str, Any]
 
 
-def parse_compact(token: object) -> CompactJws:
+def parse_compact(token: object) -> _CompactJws:
     """Split a compact JWS and decode its header and payload as JSON objects, without
     verifying anything. Raises :class:`ValueError` (with a message free of token text) for
     anything that is not three base64url segments of JSON objects.
@@ -406,7 +412,7 @@ def parse_compact(token: object) -> CompactJws:
         decoded.append(value)
     if not _B64URL.fullmatch(parts[2]) or len(parts[2]) % 4 == 1:
         raise ValueError("the signature is not base64url")
-    return CompactJws(decoded[0], decoded[1])
+    return _CompactJws(decoded[0], decoded[1])
 
 
 class _DuplicateMember(ValueError):

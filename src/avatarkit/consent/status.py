@@ -60,11 +60,11 @@ logger = logging.getLogger("avatarkit.consent.status")
 STATUS_LIST_TYPE = "statuslist+jwt"
 
 #: How far ahead of this clock a list's ``iat`` may be (issuer clock skew).
-MAX_FUTURE_IAT_S = 300.0
+_MAX_FUTURE_IAT_S = 300.0
 
 #: Largest decompressed list accepted from the wire (128 Mi one-bit entries). ``lst`` is
 #: zlib data, and a small compressed string can inflate a thousandfold: bound it.
-MAX_LIST_BYTES = 16 << 20
+_MAX_LIST_BYTES = 16 << 20
 
 
 class TokenStatus(IntEnum):
@@ -279,10 +279,10 @@ def _number(value: object) -> bool:
 def _bounded_inflate_ok(lst: str) -> bool:
     try:
         inflater = zlib.decompressobj()
-        raw = inflater.decompress(_unb64url(lst), MAX_LIST_BYTES)
+        raw = inflater.decompress(_unb64url(lst), _MAX_LIST_BYTES)
     except (ValueError, zlib.error):
         return True  # let StatusList.decode report it
-    return not inflater.unconsumed_tail and len(raw) <= MAX_LIST_BYTES
+    return not inflater.unconsumed_tail and len(raw) <= _MAX_LIST_BYTES
 
 
 class StatusChecker:
@@ -296,7 +296,7 @@ class StatusChecker:
       :class:`KeySet` serves a single-issuer deployment), the signature, an ``iss`` (when the
       list has one) equal to that issuer, ``sub`` equal to the URI asked for (a validly
       signed list for another URI must not answer for this one), ``exp`` not passed,
-      ``iat`` not ahead of this clock by more than ``MAX_FUTURE_IAT_S``, ``bits`` in
+      ``iat`` not ahead of this clock by more than ``_MAX_FUTURE_IAT_S``, ``bits`` in
       1/2/4/8; a list older than the newest one seen for the URI is refused (rollback to a
       pre-revocation list), even after :meth:`invalidate`;
     * if a refetch fails but the cached list is still within ``max_age_s`` (and before its
@@ -461,7 +461,7 @@ class StatusChecker:
             raise _InvalidList("list iat/exp/ttl missing or not numbers")
         if exp is not None and now >= exp:
             raise _InvalidList("list expired (exp passed)")
-        if iat > now + MAX_FUTURE_IAT_S:
+        if iat > now + _MAX_FUTURE_IAT_S:
             # a list dated ahead would win every later rollback comparison and stay
             # "fresh" by max_age: accepting it could pin a pre-revocation list
             raise _InvalidList("list iat is in the future (issuer clock?)")
@@ -470,7 +470,7 @@ class StatusChecker:
                 isinstance(body.get("bits"), bool) or not isinstance(body.get("lst"), str):
             raise _InvalidList("list status_list claim needs bits in 1/2/4/8 and lst")
         if not _bounded_inflate_ok(body["lst"]):
-            raise _InvalidList(f"list decompresses to more than {MAX_LIST_BYTES} bytes")
+            raise _InvalidList(f"list decompresses to more than {_MAX_LIST_BYTES} bytes")
         try:
             status_list = StatusList.decode(body["lst"], bits=body["bits"])
         except ValueError as exc:

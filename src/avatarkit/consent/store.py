@@ -75,7 +75,7 @@ GENESIS_HASH = "0" * 64
 DEFAULT_STATUS_LIST_CAPACITY = 131_072
 
 #: Bits per entry in the lists built here: valid / revoked / suspended need two.
-STATUS_BITS = 2
+_STATUS_BITS = 2
 
 _SCHEMA_VERSION = 1
 
@@ -123,7 +123,7 @@ def _distinct_hashes(values: list[str]) -> list[str]:
     return values
 
 
-HexPayload = Annotated[str, AfterValidator(_hex_payload)]
+_HexPayload = Annotated[str, AfterValidator(_hex_payload)]
 
 
 class LedgerEntry(BaseModel):
@@ -194,7 +194,7 @@ class GenerationRecord(BaseModel):
         default_factory=list
     )
     #: the invisible watermark's payload, hex (stored lowercase)
-    watermark_payload: HexPayload | None = None
+    watermark_payload: _HexPayload | None = None
     #: whether the visible AI label was on for this output
     label: bool | None = None
     details: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
@@ -556,7 +556,7 @@ class SQLiteConsentStore(ConsentStore):
                                (uri,)).fetchone()
             if row is None:
                 raise ConfigError(f"this store has no status list {uri!r}", field="uri")
-            out = StatusList(row[0], bits=STATUS_BITS)
+            out = StatusList(row[0], bits=_STATUS_BITS)
             for status, idx in conn.execute(
                     "SELECT status, status_idx FROM consent_status WHERE status_uri = ?",
                     (uri,)):

@@ -50,6 +50,7 @@ __all__ = [
     "GENERATION_LABEL",
     "TRAINED_ALGORITHMIC_MEDIA",
     "TRAINING_MINING_NOT_ALLOWED",
+    "UNREADABLE_CODE",
     "ConsentAssertion",
     "ManifestReport",
     "ManifestState",

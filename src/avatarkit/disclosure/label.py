@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..errors import AvatarKitError, MediaFormatError
 from .label_config import LabelConfig, LabelPosition
 
-__all__ = ["LabelConfig", "LabelPosition", "FrameLabeler", "MIN_FRAME_SIDE"]
+__all__ = ["MIN_FRAME_SIDE", "FrameLabeler", "LabelConfig", "LabelPosition"]
 
 #: Frames smaller than this cannot carry a legible label; they are refused, not left bare.
 MIN_FRAME_SIDE = 32

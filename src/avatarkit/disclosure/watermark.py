@@ -70,6 +70,7 @@ __all__ = [
     "BCH_N",
     "BCH_T",
     "CHECK_BITS",
+    "CHECK_THRESHOLD",
     "DEFAULT_KEY",
     "DEFAULT_STRENGTH",
     "FALSE_POSITIVE_RATE",
@@ -78,7 +79,6 @@ __all__ = [
     "QIM_STEP",
     "SYNC_BITS",
     "SYNC_THRESHOLD",
-    "CHECK_THRESHOLD",
     "WATERMARK_ALG",
     "FrameReading",
     "FrameWatermarker",
@@ -100,9 +100,9 @@ SYNC_BITS = 24
 #: Keyed hash of the payload: confirms a decoded payload is the one embedded (catches BCH
 #: miscorrections of a damaged mark as well as chance decodings of unmarked content).
 CHECK_BITS = 24
-CODE_BITS = SYNC_BITS + CHECK_BITS + BCH_N
+_CODE_BITS = SYNC_BITS + CHECK_BITS + BCH_N
 _DATA = SYNC_BITS + CHECK_BITS
-BLOCK = 8
+_BLOCK = 8
 #: Smallest accepted side: 16x16 blocks = 256 >= 175, so every coded bit has a block.
 MIN_FRAME_SIDE = 128
 #: QIM lattice step in 8-bit Cb levels. Part of the algorithm (a detector must know it), so it
@@ -132,8 +132,8 @@ _CB = np.array([-0.168736, -0.331264, 0.5], dtype=np.float32)
 _CB_INV_G = -0.344136
 _CB_INV_B = 1.772
 
-U8Frame = npt.NDArray[np.uint8]
-F32 = npt.NDArray[np.float32]
+_U8Frame = npt.NDArray[np.uint8]
+_F32 = npt.NDArray[np.float32]
 
 
 def payload_for(generation_id: str) -> bytes:
@@ -340,10 +340,10 @@ class _Layout:
 
     grid: tuple[int, int]  # blocks down, blocks across
     bit_of_block: npt.NDArray[np.intp]  # (blocks,) coded-bit index carried by each block
-    dither: F32  # (down, across) lattice offset in steps, [0, 1)
-    replicas: npt.NDArray[np.float64]  # (CODE_BITS,) blocks per coded bit
+    dither: _F32  # (down, across) lattice offset in steps, [0, 1)
+    replicas: npt.NDArray[np.float64]  # (_CODE_BITS,) blocks per coded bit
     sync_blocks: npt.NDArray[np.intp]  # blocks carrying sync bits
-    sync_sign: F32  # +-1: the sync bit each of those carries
+    sync_sign: _F32  # +-1: the sync bit each of those carries
     check_blocks: npt.NDArray[np.intp]  # blocks carrying check bits
     check_index: npt.NDArray[np.intp]  # which check bit (0..23) each of those carries
 
@@ -355,10 +355,10 @@ def _layout(key: bytes, blocks_y: int, blocks_x: int) -> _Layout:
     order = np.argsort(
         np.frombuffer(_stream(key, b"perm" + label, 8 * n), dtype="<u8"), kind="stable")
     bit_of_block = np.empty(n, dtype=np.intp)
-    bit_of_block[order] = np.arange(n) % CODE_BITS
+    bit_of_block[order] = np.arange(n) % _CODE_BITS
     raw = np.frombuffer(_stream(key, b"dither" + label, 4 * n), dtype="<u4")
     dither = (raw.astype(np.float64) / 2.0**32).astype(np.float32).reshape(blocks_y, blocks_x)
-    replicas = np.bincount(bit_of_block, minlength=CODE_BITS).astype(np.float64)
+    replicas = np.bincount(bit_of_block, minlength=_CODE_BITS).astype(np.float64)
     sync_blocks = np.flatnonzero(bit_of_block < SYNC_BITS)
     sync_sign = (2.0 * _sync_bits(key)[bit_of_block[sync_blocks]] - 1.0).astype(np.float32)
     check_blocks = np.flatnonzero((bit_of_block >= SYNC_BITS) & (bit_of_block < _DATA))
@@ -376,11 +376,11 @@ def _bayer(n: int) -> npt.NDArray[np.int16]:
 
 #: Ordered-dither thresholds 0..63: a block's shift of n/64 levels becomes
 #: floor((n + K) / 64) per pixel, whose block sum is exactly n (Hermite's identity).
-_BAYER = _bayer(BLOCK)
-_ONES = np.ones(BLOCK, dtype=np.float32)
+_BAYER = _bayer(_BLOCK)
+_ONES = np.ones(_BLOCK, dtype=np.float32)
 
 
-def _check_frame(frame: object) -> U8Frame:
+def _check_frame(frame: object) -> _U8Frame:
     if not isinstance(frame, np.ndarray):
         raise MediaFormatError(
             f"got {type(frame).__name__}", field="frame", expected="numpy.ndarray HxWx3 uint8")
@@ -398,13 +398,13 @@ def _check_frame(frame: object) -> U8Frame:
     return frame
 
 
-def _block_cb(frame: U8Frame, by: int, bx: int) -> F32:
+def _block_cb(frame: _U8Frame, by: int, bx: int) -> _F32:
     """Mean Cb (without the +128 offset) of every 8x8 block, float32, shape (by, bx)."""
-    region = frame[: by * BLOCK, : bx * BLOCK]
+    region = frame[: by * _BLOCK, : bx * _BLOCK]
     cb = region.astype(np.float32) @ _CB
-    rows = cb.reshape(by, BLOCK, bx * BLOCK).sum(axis=1)
-    sums: F32 = rows.reshape(by, bx, BLOCK) @ _ONES
-    return sums * np.float32(1.0 / (BLOCK * BLOCK))
+    rows = cb.reshape(by, _BLOCK, bx * _BLOCK).sum(axis=1)
+    sums: _F32 = rows.reshape(by, bx, _BLOCK) @ _ONES
+    return sums * np.float32(1.0 / (_BLOCK * _BLOCK))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,9 +440,9 @@ class FrameWatermarker:
         self.strength = float(strength)
         self._key = key
         self._word = _code_word(key, self.payload)
-        self._offsets: dict[tuple[int, int], F32] = {}
+        self._offsets: dict[tuple[int, int], _F32] = {}
 
-    def _offset(self, by: int, bx: int) -> F32:
+    def _offset(self, by: int, bx: int) -> _F32:
         """Per-block lattice offset in Cb levels: step * (dither + bit / 2)."""
         off = self._offsets.get((by, bx))
         if off is None:
@@ -452,31 +452,31 @@ class FrameWatermarker:
             self._offsets[(by, bx)] = off
         return off
 
-    def embed(self, frame: U8Frame) -> U8Frame:
+    def embed(self, frame: _U8Frame) -> _U8Frame:
         """A marked copy of an RGB uint8 frame (HxWx3, both sides >= 128)."""
         out = _check_frame(frame).copy()
         self._embed(out)
         return out
 
-    def embed_into(self, frame: U8Frame) -> None:
+    def embed_into(self, frame: _U8Frame) -> None:
         """Mark the frame in place (saves the copy when the caller owns the buffer)."""
         if not _check_frame(frame).flags.writeable:
             raise MediaFormatError("frame is read-only", field="frame", expected="writeable")
         self._embed(frame)
 
-    def _embed(self, frame: U8Frame) -> None:
-        by, bx = frame.shape[0] // BLOCK, frame.shape[1] // BLOCK
+    def _embed(self, frame: _U8Frame) -> None:
+        by, bx = frame.shape[0] // _BLOCK, frame.shape[1] // _BLOCK
         step = np.float32(QIM_STEP)
         off = self._offset(by, bx)
         mean = _block_cb(frame, by, bx)
         target = off + step * np.rint((mean - off) / step)
-        delta = (target - mean) * np.float32(self.strength * BLOCK * BLOCK)
-        region = frame[: by * BLOCK, : bx * BLOCK]
+        delta = (target - mean) * np.float32(self.strength * _BLOCK * _BLOCK)
+        region = frame[: by * _BLOCK, : bx * _BLOCK]
         for channel, gain in ((1, _CB_INV_G), (2, _CB_INV_B)):
             n = np.rint(delta * np.float32(gain)).astype(np.int16)
             pix = n[:, None, :, None] + _BAYER[None, :, None, :]
             pix >>= 6
-            view = region[..., channel].reshape(by, BLOCK, bx, BLOCK)
+            view = region[..., channel].reshape(by, _BLOCK, bx, _BLOCK)
             pix += view
             np.clip(pix, 0, 255, out=pix)
             view[...] = pix
@@ -499,7 +499,7 @@ class FrameReading:
     fixed in the reported payload (``None`` with no payload).
     """
 
-    soft_bits: F32
+    soft_bits: _F32
     payload: bytes | None
     sync_score: float
     check_score: float | None
@@ -580,19 +580,19 @@ class WatermarkDetector:
         self.expected = expected
         self._key = key
 
-    def _block_soft(self, frame: U8Frame) -> tuple[F32, _Layout]:
+    def _block_soft(self, frame: _U8Frame) -> tuple[_F32, _Layout]:
         """One soft value per block, -cos of its QIM phase: +1 on the bit-1 lattice."""
-        by, bx = frame.shape[0] // BLOCK, frame.shape[1] // BLOCK
+        by, bx = frame.shape[0] // _BLOCK, frame.shape[1] // _BLOCK
         layout = _layout(self._key, by, bx)
         phase = _block_cb(frame, by, bx) * np.float32(1.0 / QIM_STEP) - layout.dither
-        soft: F32 = -np.cos(np.float32(2 * np.pi) * phase).ravel()
+        soft: _F32 = -np.cos(np.float32(2 * np.pi) * phase).ravel()
         return soft, layout
 
     def _decide(
-        self, blocks: F32, layout: _Layout
-    ) -> tuple[F32, bytes | None, float, float | None, int | None]:
+        self, blocks: _F32, layout: _Layout
+    ) -> tuple[_F32, bytes | None, float, float | None, int | None]:
         """(soft bits, payload, sync z, check z, corrected) from (voted) block soft values."""
-        soft_bits = (np.bincount(layout.bit_of_block, weights=blocks, minlength=CODE_BITS)
+        soft_bits = (np.bincount(layout.bit_of_block, weights=blocks, minlength=_CODE_BITS)
                      / layout.replicas).astype(np.float32)
         sync_z = _self_normalised(blocks[layout.sync_blocks] * layout.sync_sign)
         decoded = bch_decode((soft_bits[_DATA:] > 0).astype(np.uint8))
@@ -606,12 +606,12 @@ class WatermarkDetector:
             return soft_bits, payload, sync_z, check_z, corrected
         return soft_bits, None, sync_z, check_z, None
 
-    def read(self, frame: U8Frame) -> FrameReading:
+    def read(self, frame: _U8Frame) -> FrameReading:
         """Soft bits and a single-frame decision for one RGB uint8 frame (HxWx3, >= 128)."""
         blocks, layout = self._block_soft(_check_frame(frame))
         return FrameReading(*self._decide(blocks, layout))
 
-    def detect(self, frames: Iterable[U8Frame]) -> WatermarkResult:
+    def detect(self, frames: Iterable[_U8Frame]) -> WatermarkResult:
         """Vote over frames of one size: average each block's soft value, then decide once.
 
         Frames are consumed one at a time (a decoder's generator is fine). Averaging before
@@ -642,7 +642,7 @@ class WatermarkDetector:
         return WatermarkResult(payload, count, sync_z, corrected, matched)
 
 
-def _self_normalised(terms: F32) -> float:
+def _self_normalised(terms: _F32) -> float:
     """sum(terms) / sqrt(sum(terms^2)): a z-score whose null law needs no noise model.
 
     Under no mark each term is symmetric about 0 and independent of the others (see

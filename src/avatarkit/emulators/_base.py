@@ -35,6 +35,7 @@ from aiohttp import WSCloseCode, web
 from aiohttp.typedefs import Handler, Middleware
 
 __all__ = [
+    "BadRequest",
     "BillingLedger",
     "ChannelPeer",
     "EmulatorFaults",
@@ -43,11 +44,14 @@ __all__ = [
     "FaultRoute",
     "LedgerEntry",
     "Operation",
+    "ProtocolError",
     "RequestFault",
     "RequestRecord",
     "Room",
     "SpeechPlayback",
     "TimerSet",
+    "json_message",
+    "now_iso",
     "read_json_object",
 ]
 
@@ -208,7 +212,7 @@ class RequestFault:
 
 
 @dataclass(frozen=True)
-class FaultDecision:
+class _FaultDecision:
     """What faults do to one request: wait ``delay`` seconds, then maybe answer ``failure``."""
 
     delay: float = 0.0
@@ -289,7 +293,7 @@ class EmulatorFaults:
         self.drop_channel_after_audio_seconds = None
         self.mute_interrupts = False
 
-    def take(self, operation: Operation) -> FaultDecision:
+    def take(self, operation: Operation) -> _FaultDecision:
         """Consume the faults that apply to one request doing ``operation``."""
         slow = next(
             (f for f in self._request_faults if f.kind == "slow" and f.matches(operation)), None
@@ -301,7 +305,7 @@ class EmulatorFaults:
             if fault is not None:
                 fault.remaining -= 1
         self._request_faults = [f for f in self._request_faults if f.remaining > 0]
-        return FaultDecision(delay=slow.seconds if slow else 0.0, failure=failure)
+        return _FaultDecision(delay=slow.seconds if slow else 0.0, failure=failure)
 
     def configure(self, spec: Mapping[str, Any]) -> None:
         """Apply the JSON form used by ``POST /_emulator/faults``; ``ValueError`` if invalid.

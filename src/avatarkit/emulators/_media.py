@@ -37,7 +37,7 @@ _MOUTH_BOX = (0.58, 0.84, 0.34, 0.66)
 _MOUTH_MAX_HEIGHT = 0.22
 #: Loudness mapped to the opening: -50 dBFS and quieter is closed, -10 dBFS and louder open.
 _QUIET_DB, _LOUD_DB = -50.0, -10.0
-VIDEO_CLOCK_RATE = 90_000
+_VIDEO_CLOCK_RATE = 90_000
 
 
 class TalkingPattern:
@@ -173,8 +173,8 @@ def talking_pattern_track(pattern: TalkingPattern) -> MediaStreamTrack:
             elif now - due > 1.0:  # fell far behind (a stalled loop): do not burst-catch-up
                 self._started = now - self._index / pattern.fps
             frame = av.VideoFrame.from_ndarray(pattern.next_frame(), format="rgb24")
-            frame.pts = self._index * VIDEO_CLOCK_RATE // pattern.fps
-            frame.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
+            frame.pts = self._index * _VIDEO_CLOCK_RATE // pattern.fps
+            frame.time_base = fractions.Fraction(1, _VIDEO_CLOCK_RATE)
             self._index += 1
             return frame
 

@@ -146,22 +146,22 @@ __all__ = [
 #: The data channel D-ID's offer carries (its clients look for this label).
 DATA_CHANNEL_LABEL = "JanusDataChannel"
 #: The renderer's audio rate: uploads are converted to it before they drive the mouth.
-RENDER_RATE = 16_000
-MAX_SESSION_TIMEOUT = 300
-DEFAULT_SESSION_TIMEOUT = 300.0
-DEFAULT_MAX_DURATION = 3600.0
+_RENDER_RATE = 16_000
+_MAX_SESSION_TIMEOUT = 300
+_DEFAULT_SESSION_TIMEOUT = 300.0
+_DEFAULT_MAX_DURATION = 3600.0
 #: The spec's limit for ``POST /audios``.
-MAX_AUDIO_BYTES = 6 * 1024 * 1024
-TEXT_MIN, TEXT_MAX = 3, 40_000
-SECONDS_PER_TEXT_CHARACTER = 0.06
+_MAX_AUDIO_BYTES = 6 * 1024 * 1024
+_TEXT_MIN, _TEXT_MAX = 3, 40_000
+_SECONDS_PER_TEXT_CHARACTER = 0.06
 
-ClipOutcome = Literal["queued", "playing", "done", "interrupted", "abandoned"]
-StreamStatus = Literal["created", "ended"]
-CompatibilityMode = Literal["on", "off", "auto"]
-InterruptAck = Literal["stream/done", "stream/interrupted"]
+_ClipOutcome = Literal["queued", "playing", "done", "interrupted", "abandoned"]
+_StreamStatus = Literal["created", "ended"]
+_CompatibilityMode = Literal["on", "off", "auto"]
+_InterruptAck = Literal["stream/done", "stream/interrupted"]
 
-_COMPATIBILITY_MODES: frozenset[str] = frozenset(get_args(CompatibilityMode))
-_INTERRUPT_ACKS: frozenset[str] = frozenset(get_args(InterruptAck))
+_COMPATIBILITY_MODES: frozenset[str] = frozenset(get_args(_CompatibilityMode))
+_INTERRUPT_ACKS: frozenset[str] = frozenset(get_args(_InterruptAck))
 _CODEC_FOR_MODE = {"on": "video/vp8", "off": "video/h264"}
 _AUDIO_URL = re.compile(
     r"^(https|s3)://\S+\.(?:m4a|M4A|flac|FLAC|mp3|MP3|mp4|MP4|wav|WAV)([?#][\w./=&#%-]+)?$")
@@ -214,7 +214,7 @@ class DIDAudio:
     sample_rate: int
     channels: int
     duration: float
-    #: the audio as the renderer plays it: mono PCM16 at ``RENDER_RATE``
+    #: the audio as the renderer plays it: mono PCM16 at ``_RENDER_RATE``
     pcm: bytes = field(repr=False)
     created_at: str = field(default_factory=now_iso)
 
@@ -238,7 +238,7 @@ class DIDClip:
     seconds: float
     audio_id: str | None = None
     text: str | None = None
-    outcome: ClipOutcome = "queued"
+    outcome: _ClipOutcome = "queued"
     played_seconds: float = 0.0
     pcm: bytes = field(default=b"", repr=False)
 
@@ -264,7 +264,7 @@ class DIDStream:
     channel: RTCDataChannel = field(repr=False)
     pattern: TalkingPattern = field(repr=False)
     created_at: str = field(default_factory=now_iso)
-    status: StreamStatus = "created"
+    status: _StreamStatus = "created"
     end_reason: str | None = None
     deleted: bool = False
     connection_state: str = "new"
@@ -377,9 +377,9 @@ def _parse_create(body: Mapping[str, Any], default_timeout: float) -> _CreateOpt
     if timeout is None:
         session_timeout = default_timeout
     elif (isinstance(timeout, bool) or not isinstance(timeout, int | float)
-          or not 0 < timeout <= MAX_SESSION_TIMEOUT):
+          or not 0 < timeout <= _MAX_SESSION_TIMEOUT):
         raise _bad_request(f"session_timeout must be a number of seconds in (0, "
-                           f"{MAX_SESSION_TIMEOUT}], got {timeout!r}")
+                           f"{_MAX_SESSION_TIMEOUT}], got {timeout!r}")
     else:
         session_timeout = float(timeout)
     mode = body.get("compatibility_mode")
@@ -394,7 +394,7 @@ def _parse_create(body: Mapping[str, Any], default_timeout: float) -> _CreateOpt
     )
 
 
-def _tone(seconds: float, rate: int = RENDER_RATE) -> bytes:
+def _tone(seconds: float, rate: int = _RENDER_RATE) -> bytes:
     """A synthetic voice: a 190 Hz tone with a 3 Hz syllable envelope (mono PCM16)."""
     count = max(1, round(seconds * rate))
     t = np.arange(rate) / rate
@@ -405,7 +405,7 @@ def _tone(seconds: float, rate: int = RENDER_RATE) -> bytes:
 
 
 def _decode_wav(data: bytes) -> tuple[int, int, int, bytes]:
-    """(sample rate, channels, frames, mono PCM16 at ``RENDER_RATE``) of a 16-bit PCM WAV."""
+    """(sample rate, channels, frames, mono PCM16 at ``_RENDER_RATE``) of a 16-bit PCM WAV."""
     try:
         with wave.open(io.BytesIO(data), "rb") as wav:
             channels, width = wav.getnchannels(), wav.getsampwidth()
@@ -425,8 +425,8 @@ def _decode_wav(data: bytes) -> tuple[int, int, int, bytes]:
         raise DIDError(400, "InvalidAudioDurationError", "audio: the file holds no audio")
     samples = np.frombuffer(raw[: frames * 2 * channels], dtype="<i2").reshape(-1, channels)
     mono = samples.mean(axis=1) if channels > 1 else samples[:, 0].astype(np.float64)
-    if rate != RENDER_RATE:
-        mono = np.asarray(soxr.resample(mono, rate, RENDER_RATE), dtype=np.float64)
+    if rate != _RENDER_RATE:
+        mono = np.asarray(soxr.resample(mono, rate, _RENDER_RATE), dtype=np.float64)
     pcm = np.clip(np.rint(mono), -32768, 32767).astype("<i2").tobytes()
     return rate, channels, frames, pcm
 
@@ -457,8 +457,8 @@ class DIDEmulator(EmulatorServer):
         host: str = "127.0.0.1",
         port: int = 0,
         concurrency_limit_status: int = 402,
-        default_session_timeout: float = DEFAULT_SESSION_TIMEOUT,
-        max_duration: float = DEFAULT_MAX_DURATION,
+        default_session_timeout: float = _DEFAULT_SESSION_TIMEOUT,
+        max_duration: float = _DEFAULT_MAX_DURATION,
         require_session_id: bool = True,
         ice_servers: Sequence[Mapping[str, Any]] = (),
         video_size: tuple[int, int] = (256, 256),
@@ -467,11 +467,11 @@ class DIDEmulator(EmulatorServer):
         warmup_seconds: float = 0.1,
         interrupt_types: Iterable[str] = ("stream/interrupt",),
         interrupt_requires_video_id: bool = True,
-        interrupt_ack: InterruptAck = "stream/done",
+        interrupt_ack: _InterruptAck = "stream/done",
         interrupt_clears_queue: bool = True,
         banned_words: Iterable[str] = (),
-        max_audio_bytes: int = MAX_AUDIO_BYTES,
-        seconds_per_text_character: float = SECONDS_PER_TEXT_CHARACTER,
+        max_audio_bytes: int = _MAX_AUDIO_BYTES,
+        seconds_per_text_character: float = _SECONDS_PER_TEXT_CHARACTER,
         credits_total: float = 100.0,
         out_of_credits: bool = False,
     ) -> None:
@@ -484,8 +484,8 @@ class DIDEmulator(EmulatorServer):
                               ("seconds_per_text_character", seconds_per_text_character)):
             if isinstance(seconds, bool) or seconds < 0:
                 raise ValueError(f"{name} must be a number of seconds >= 0")
-        if not 0 < default_session_timeout <= MAX_SESSION_TIMEOUT:
-            raise ValueError(f"default_session_timeout must be in (0, {MAX_SESSION_TIMEOUT}]")
+        if not 0 < default_session_timeout <= _MAX_SESSION_TIMEOUT:
+            raise ValueError(f"default_session_timeout must be in (0, {_MAX_SESSION_TIMEOUT}]")
         if interrupt_ack not in _INTERRUPT_ACKS:
             raise ValueError(f"interrupt_ack must be one of {sorted(_INTERRUPT_ACKS)}")
         if max_audio_bytes < 1:
@@ -503,7 +503,7 @@ class DIDEmulator(EmulatorServer):
         self.warmup_seconds = float(warmup_seconds)
         self.interrupt_types: frozenset[str] = frozenset(interrupt_types)
         self.interrupt_requires_video_id = interrupt_requires_video_id
-        self.interrupt_ack: InterruptAck = interrupt_ack
+        self.interrupt_ack: _InterruptAck = interrupt_ack
         self.interrupt_clears_queue = interrupt_clears_queue
         #: words that make a text script fail moderation (451), case-insensitive
         self.banned_words: set[str] = {word.lower() for word in banned_words}
@@ -689,7 +689,7 @@ class DIDEmulator(EmulatorServer):
         try:
             width, height = self.video_size
             pattern = TalkingPattern(width=width, height=height, fps=self.fps,
-                                     sample_rate=RENDER_RATE)
+                                     sample_rate=_RENDER_RATE)
             video = pc.addTransceiver(talking_pattern_track(pattern), direction="sendonly")
             codec = _CODEC_FOR_MODE.get(options.compatibility_mode or "auto")
             if codec is not None:
@@ -840,10 +840,10 @@ class DIDEmulator(EmulatorServer):
     def text_seconds(self, text: object) -> float:
         """How long a text script plays; ``DIDError`` for a bad length (400) or a banned word
         (451 ``TextModerationError``). Streams and LiveKit sessions share this check."""
-        if not isinstance(text, str) or not TEXT_MIN <= len(text) <= TEXT_MAX:
+        if not isinstance(text, str) or not _TEXT_MIN <= len(text) <= _TEXT_MAX:
             size = len(text) if isinstance(text, str) else type(text).__name__
-            raise _bad_request(f"script.input must be a string of {TEXT_MIN} to "
-                               f"{TEXT_MAX} characters, got {size}")
+            raise _bad_request(f"script.input must be a string of {_TEXT_MIN} to "
+                               f"{_TEXT_MAX} characters, got {size}")
         lowered = text.lower()
         if any(word in lowered for word in self.banned_words):
             raise DIDError(451, "TextModerationError",
@@ -909,7 +909,7 @@ class DIDEmulator(EmulatorServer):
         else:
             self._touch(stream)
 
-    def _stop_playback(self, stream: DIDStream, outcome: ClipOutcome) -> None:
+    def _stop_playback(self, stream: DIDStream, outcome: _ClipOutcome) -> None:
         """Stop the clip playing and drop the queue, without any data-channel message."""
         stream.playback.stop_silently()
         stream.pattern.clear()

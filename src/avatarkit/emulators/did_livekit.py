@@ -60,10 +60,10 @@ if TYPE_CHECKING:
 __all__ = ["AVATAR_SAMPLE_RATES", "DIDRoomSession", "DIDRoomSessions"]
 
 AVATAR_SAMPLE_RATES = (16_000, 24_000, 48_000)
-DEFAULT_SAMPLE_RATE = 24_000
+_DEFAULT_SAMPLE_RATE = 24_000
 _JOIN_TIMEOUT = 5.0
 
-RoomSessionStatus = Literal["joining", "active", "ended"]
+_RoomSessionStatus = Literal["joining", "active", "ended"]
 
 
 @dataclass(eq=False)
@@ -78,7 +78,7 @@ class DIDRoomSession:
     token_claims: dict[str, Any]
     ledger_entry: LedgerEntry
     session_timeout: float
-    status: RoomSessionStatus = "joining"
+    status: _RoomSessionStatus = "joining"
     end_reason: str | None = None
     worker: LiveKitAvatarWorker | None = None
     join_error: str | None = None
@@ -179,7 +179,7 @@ class DIDRoomSessions:
             audio_config = body.get("audio_config", {})
             if not isinstance(audio_config, Mapping):
                 raise _bad("audio_config must be an object")
-            sample_rate = audio_config.get("sample_rate", DEFAULT_SAMPLE_RATE)
+            sample_rate = audio_config.get("sample_rate", _DEFAULT_SAMPLE_RATE)
             if isinstance(sample_rate, bool) or sample_rate not in AVATAR_SAMPLE_RATES:
                 raise _bad(f"audio_config.sample_rate must be one of {AVATAR_SAMPLE_RATES}, "
                            f"got {sample_rate!r}")

@@ -96,30 +96,32 @@ from ._base import (
 )
 
 __all__ = [
+    "MAX_MESSAGE_BYTES",
+    "SANDBOX_AVATAR_ID",
     "LiveAvatarEmulator",
     "LiveAvatarSession",
     "LiveAvatarUtterance",
     "SpeakChunk",
 ]
 
-ErrorShape = Literal["envelope", "detail"]
-SessionStatus = Literal["minted", "active", "ended"]
-UtteranceOutcome = Literal["queued", "playing", "finished", "interrupted", "abandoned"]
+_ErrorShape = Literal["envelope", "detail"]
+_SessionStatus = Literal["minted", "active", "ended"]
+_UtteranceOutcome = Literal["queued", "playing", "finished", "interrupted", "abandoned"]
 
-SAMPLE_RATE = 24000
+_SAMPLE_RATE = 24000
 #: Bytes per PCM16 mono sample.
-SAMPLE_WIDTH = 2
+_SAMPLE_WIDTH = 2
 MAX_MESSAGE_BYTES = 1_000_000
-IDLE_TIMEOUT = 300.0
-DEFAULT_MAX_SESSION_DURATION = 3600
-SANDBOX_MAX_SESSION_DURATION = 60
+_IDLE_TIMEOUT = 300.0
+_DEFAULT_MAX_SESSION_DURATION = 3600
+_SANDBOX_MAX_SESSION_DURATION = 60
 #: HeyGen's stock avatar for sandbox sessions (LiveAvatar skills guide).
 SANDBOX_AVATAR_ID = "dd73ea75-1218-4ef3-92ce-606d5f7fbc0a"
-SUCCESS_CODE = 1000
-TOKEN_PATH = "/v1/sessions/token"
-AVATARS_PATH = "/v1/avatars"
+_SUCCESS_CODE = 1000
+_TOKEN_PATH = "/v1/sessions/token"
+_AVATARS_PATH = "/v1/avatars"
 
-_ERROR_SHAPES: frozenset[str] = frozenset(get_args(ErrorShape))
+_ERROR_SHAPES: frozenset[str] = frozenset(get_args(_ErrorShape))
 _VIDEO_QUALITIES = frozenset({"very_high", "high", "medium", "low"})
 _INTERRUPT_EVENTS = frozenset({"agent.speak_interrupted", "agent.speak_ended"})
 _MISSING_ROUTE_STATUSES = {404: "Not Found", 405: "Method Not Allowed"}
@@ -156,7 +158,7 @@ class LiveAvatarUtterance:
     chunk_seconds: list[float] = field(default_factory=list)
     done: bool = False
     end_event_id: str | None = None
-    outcome: UtteranceOutcome = "queued"
+    outcome: _UtteranceOutcome = "queued"
     played_seconds: float = 0.0
 
     @property
@@ -188,7 +190,7 @@ class LiveAvatarSession:
     video_quality: str | None
     byo_livekit: dict[str, str | None] | None
     created_at: str = field(default_factory=now_iso)
-    status: SessionStatus = "minted"
+    status: _SessionStatus = "minted"
     end_reason: str | None = None
     stop_reason: str | None = None
     ledger_entry: LedgerEntry | None = None
@@ -411,9 +413,9 @@ def _required_event_id(message: Mapping[str, Any]) -> str:
 def _parse_speak(message: Mapping[str, Any], size: int) -> _Speak:
     event_id = _required_event_id(message)
     declared_rate = message.get("sample_rate")
-    if declared_rate is not None and declared_rate != SAMPLE_RATE:
+    if declared_rate is not None and declared_rate != _SAMPLE_RATE:
         raise ProtocolError(
-            f"agent.speak audio must be {SAMPLE_RATE} Hz PCM16 mono, got sample_rate"
+            f"agent.speak audio must be {_SAMPLE_RATE} Hz PCM16 mono, got sample_rate"
             f" {declared_rate!r} (the vendor plays it garbled without an error)"
         )
     audio = message.get("audio")
@@ -429,7 +431,7 @@ def _parse_speak(message: Mapping[str, Any], size: int) -> _Speak:
         raise ProtocolError("agent.speak audio has a WAV header; send raw PCM16 (headers click)")
     if pcm[:3] == b"ID3":
         raise ProtocolError("agent.speak audio is MP3; send raw PCM16 (MP3 plays as silence)")
-    if len(pcm) % SAMPLE_WIDTH:
+    if len(pcm) % _SAMPLE_WIDTH:
         raise ProtocolError(
             f"agent.speak audio has an odd byte count ({len(pcm)}); PCM16 needs 2 bytes a sample"
         )
@@ -461,19 +463,19 @@ class LiveAvatarEmulator(EmulatorServer):
         host: str = "127.0.0.1",
         port: int = 0,
         accept_any_face: bool = False,
-        idle_timeout: float = IDLE_TIMEOUT,
+        idle_timeout: float = _IDLE_TIMEOUT,
         idle_reset_by_any_message: bool = True,
         connected_delay: float = 0.05,
-        default_max_session_duration: int = DEFAULT_MAX_SESSION_DURATION,
-        sandbox_max_session_duration: int = SANDBOX_MAX_SESSION_DURATION,
+        default_max_session_duration: int = _DEFAULT_MAX_SESSION_DURATION,
+        sandbox_max_session_duration: int = _SANDBOX_MAX_SESSION_DURATION,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         concurrency_limit_status: int = 403,
         post_stop_status: int | None = None,
         delete_stop_status: int | None = None,
         interrupt_events: Iterable[str] = ("agent.speak_interrupted", "agent.speak_ended"),
         end_close_code: int = WSCloseCode.OK,
-        success_code: int = SUCCESS_CODE,
-        error_shape: ErrorShape = "envelope",
+        success_code: int = _SUCCESS_CODE,
+        error_shape: _ErrorShape = "envelope",
         livekit_url: str = "wss://liveavatar-emulator.livekit.invalid",
     ) -> None:
         super().__init__(
@@ -515,7 +517,7 @@ class LiveAvatarEmulator(EmulatorServer):
         self.interrupt_events: tuple[str, ...] = events
         self.end_close_code = end_close_code
         self.success_code = success_code
-        self.error_shape: ErrorShape = error_shape
+        self.error_shape: _ErrorShape = error_shape
         self.livekit_url = livekit_url
         self._sessions: dict[str, LiveAvatarSession] = {}
         self._by_token: dict[str, LiveAvatarSession] = {}
@@ -535,10 +537,10 @@ class LiveAvatarEmulator(EmulatorServer):
 
     def _add_vendor_routes(self, app: web.Application) -> None:
         route = self._add_api_route
-        route(app, "POST", TOKEN_PATH, self._handle_token, operation="create")
+        route(app, "POST", _TOKEN_PATH, self._handle_token, operation="create")
         route(app, "POST", "/v1/sessions/start", self._handle_start, operation="create")
         route(app, "POST", "/v1/sessions/keep-alive", self._handle_keep_alive)
-        route(app, "GET", AVATARS_PATH, self._handle_avatars)
+        route(app, "GET", _AVATARS_PATH, self._handle_avatars)
         for method, path, status in (
             ("POST", "/v1/sessions/stop", self.post_stop_status),
             ("DELETE", "/v1/sessions", self.delete_stop_status),
@@ -553,7 +555,7 @@ class LiveAvatarEmulator(EmulatorServer):
     def _is_authorized(self, request: web.Request) -> bool:
         """The API key mints tokens and lists avatars; every other vendor route takes the
         session token."""
-        if request.path in (TOKEN_PATH, AVATARS_PATH):
+        if request.path in (_TOKEN_PATH, _AVATARS_PATH):
             return super()._is_authorized(request)
         return self._session_for(request) is not None
 
@@ -804,7 +806,7 @@ class LiveAvatarEmulator(EmulatorServer):
             self._touch(session)
 
     def _on_speak(self, session: LiveAvatarSession, speak: _Speak) -> None:
-        seconds = speak.audio_bytes / SAMPLE_WIDTH / SAMPLE_RATE
+        seconds = speak.audio_bytes / _SAMPLE_WIDTH / _SAMPLE_RATE
         owner = session.event_owner.get(speak.event_id)
         if owner is not None and owner.done and owner.outcome in ("queued", "playing"):
             raise ProtocolError(f"agent.speak for event_id {speak.event_id!r} after its speak_end")

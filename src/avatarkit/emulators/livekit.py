@@ -64,9 +64,9 @@ from ..transport.livekit import (
 __all__ = ["FakeParticipant", "FakeRoom", "LiveKitServerEmulator", "TwirpRecord"]
 
 #: Largest byte-stream chunk the SDK sends.
-STREAM_CHUNK_BYTES = 15_000
+_STREAM_CHUNK_BYTES = 15_000
 #: Largest RPC request payload LiveKit accepts.
-MAX_RPC_PAYLOAD = 15 * 1024
+_MAX_RPC_PAYLOAD = 15 * 1024
 _END = object()
 
 
@@ -137,8 +137,8 @@ class _FakeSink:
         if self._closed:
             raise RuntimeError("write on a closed byte stream")
         if self._inbound is not None:
-            for start in range(0, len(data), STREAM_CHUNK_BYTES):
-                self._inbound.queue.put_nowait(bytes(data[start:start + STREAM_CHUNK_BYTES]))
+            for start in range(0, len(data), _STREAM_CHUNK_BYTES):
+                self._inbound.queue.put_nowait(bytes(data[start:start + _STREAM_CHUNK_BYTES]))
         await asyncio.sleep(0)
 
     async def aclose(self) -> None:
@@ -224,7 +224,7 @@ class FakeParticipant(RoomLink):
     async def perform_rpc(self, *, destination: str, method: str, payload: str,
                           response_timeout: float) -> str:
         self._check_connected()
-        if len(payload.encode()) > MAX_RPC_PAYLOAD:
+        if len(payload.encode()) > _MAX_RPC_PAYLOAD:
             raise RoomRpcError(1402, "Request payload too large")
         target = self._room.participants.get(destination)
         if target is None:

@@ -117,6 +117,11 @@ if TYPE_CHECKING:
     from aiortc import RTCPeerConnection
 
 __all__ = [
+    "FRAME_BYTES",
+    "LIVEKIT_PATH",
+    "P2P_PATHS",
+    "RATE_LINE",
+    "TOKEN_PATH",
     "BillingStart",
     "ClosingPrefix",
     "SimliEmulator",
@@ -124,18 +129,18 @@ __all__ = [
     "session_id_for_token",
 ]
 
-SessionStatus = Literal["minted", "connecting", "active", "ended", "expired", "refused"]
-Transport = Literal["p2p", "livekit"]
+_SessionStatus = Literal["minted", "connecting", "active", "ended", "expired", "refused"]
+_Transport = Literal["p2p", "livekit"]
 #: When the meter starts: at ``START`` on the WebSocket, or when the token is minted.
 BillingStart = Literal["start", "token"]
 #: The line that carries the end reason (both spellings are seen in clients).
 ClosingPrefix = Literal["CLOSING REASON", "STOP REASON"]
 
-SAMPLE_RATE = 16_000
-SAMPLE_WIDTH = 2
+_SAMPLE_RATE = 16_000
+_SAMPLE_WIDTH = 2
 FRAME_BYTES = 6000
-DEFAULT_MAX_SESSION_LENGTH = 3600
-DEFAULT_MAX_IDLE_TIME = 300
+_DEFAULT_MAX_SESSION_LENGTH = 3600
+_DEFAULT_MAX_IDLE_TIME = 300
 TOKEN_PATH = "/compose/token"
 P2P_PATHS = ("/compose/webrtc/p2p", "/compose/webrtc/peer_to_peer")
 LIVEKIT_PATH = "/compose/webrtc/livekit"
@@ -182,11 +187,11 @@ class SimliSessionRecord:
     model: str | None
     extras: dict[str, Any]
     created_at: str = field(default_factory=now_iso)
-    status: SessionStatus = "minted"
+    status: _SessionStatus = "minted"
     end_reason: str | None = None
     ledger_entry: LedgerEntry | None = None
     # The WebSocket: which route, and what it received.
-    transport: Transport | None = None
+    transport: _Transport | None = None
     path: str | None = None
     ws_connections: int = 0
     refused_connections: int = 0
@@ -422,8 +427,8 @@ class SimliEmulator(EmulatorServer):
         offer_timeout: float = 30.0,
         billing_starts: BillingStart = "start",
         end_on_disconnect: bool = True,
-        default_max_session_length: int = DEFAULT_MAX_SESSION_LENGTH,
-        default_max_idle_time: int = DEFAULT_MAX_IDLE_TIME,
+        default_max_session_length: int = _DEFAULT_MAX_SESSION_LENGTH,
+        default_max_idle_time: int = _DEFAULT_MAX_IDLE_TIME,
         max_frame_bytes: int = FRAME_BYTES,
         closing_prefix: ClosingPrefix = "CLOSING REASON",
         drop_abruptly: bool = False,
@@ -705,7 +710,7 @@ class SimliEmulator(EmulatorServer):
         return await self._serve_socket(request, "livekit")
 
     async def _serve_socket(self, request: web.Request,
-                            transport: Transport) -> web.StreamResponse:
+                            transport: _Transport) -> web.StreamResponse:
         claimed = self._claim(request)
         if isinstance(claimed, web.Response):
             return claimed
@@ -794,7 +799,7 @@ class SimliEmulator(EmulatorServer):
         pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=[]))
         session.pc = pc
         pattern = TalkingPattern(width=self.width, height=self.height, fps=self.fps,
-                                 sample_rate=SAMPLE_RATE)
+                                 sample_rate=_SAMPLE_RATE)
         session.pattern = pattern
         await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         pc.addTrack(talking_pattern_track(pattern))
@@ -883,12 +888,12 @@ class SimliEmulator(EmulatorServer):
         if size > self.max_frame_bytes:
             session.protocol_errors.append(
                 f"audio frame of {size} bytes; frames are at most {self.max_frame_bytes} bytes")
-        if size % SAMPLE_WIDTH:
+        if size % _SAMPLE_WIDTH:
             session.protocol_errors.append(
                 f"audio frame of {size} bytes: an odd byte count is not PCM16 (last byte "
                 "dropped)")
             data = data[:-1]
-        seconds = len(data) / SAMPLE_WIDTH / SAMPLE_RATE
+        seconds = len(data) / _SAMPLE_WIDTH / _SAMPLE_RATE
         session.audio_seconds_received += seconds
         if session.pattern is not None:
             session.pattern.feed(data)
@@ -979,7 +984,7 @@ class SimliEmulator(EmulatorServer):
             self._send(session, "STOP")
         self._close_session(session, "ended", reason)
 
-    def _close_session(self, session: SimliSessionRecord, status: SessionStatus, reason: str,
+    def _close_session(self, session: SimliSessionRecord, status: _SessionStatus, reason: str,
                        *, code: int = WSCloseCode.OK) -> None:
         session.status = status
         session.end_reason = reason

@@ -53,6 +53,7 @@ from ._base import (
 )
 
 __all__ = [
+    "SUPPORTED_SAMPLE_RATES",
     "ErrorShape",
     "TavusConversation",
     "TavusEmulator",
@@ -61,19 +62,19 @@ __all__ = [
 
 #: How error bodies look: ``{"error", "message"}``, ``{"message"}``, or plain text.
 ErrorShape = Literal["error_message", "message", "text"]
-PipelineMode = Literal["full", "echo"]
-ConversationStatus = Literal["active", "ended"]
+_PipelineMode = Literal["full", "echo"]
+_ConversationStatus = Literal["active", "ended"]
 
 SUPPORTED_SAMPLE_RATES: frozenset[int] = frozenset({16000, 24000, 44100, 48000})
-DEFAULT_SAMPLE_RATE = 24000
+_DEFAULT_SAMPLE_RATE = 24000
 #: Simulated speaking time of a text echo.
-SECONDS_PER_TEXT_CHARACTER = 0.06
-MAX_CALL_DURATION_LIMIT = 3600
-DEFAULT_PARTICIPANT_LEFT_TIMEOUT = 0
-DEFAULT_PARTICIPANT_ABSENT_TIMEOUT = 300
+_SECONDS_PER_TEXT_CHARACTER = 0.06
+_MAX_CALL_DURATION_LIMIT = 3600
+_DEFAULT_PARTICIPANT_LEFT_TIMEOUT = 0
+_DEFAULT_PARTICIPANT_ABSENT_TIMEOUT = 300
 
 _ERROR_SHAPES: frozenset[str] = frozenset(get_args(ErrorShape))
-_PIPELINE_MODES: frozenset[str] = frozenset(get_args(PipelineMode))
+_PIPELINE_MODES: frozenset[str] = frozenset(get_args(_PipelineMode))
 _BOOLEAN_PROPERTIES = ("enable_recording", "enable_closed_captions", "apply_greenscreen")
 _STRING_PROPERTIES = ("language",)
 _CONTROL_EVENTS = frozenset(
@@ -97,7 +98,7 @@ class TavusPal:
     pal_id: str
     name: str | None
     default_face_id: str | None
-    pipeline_mode: PipelineMode
+    pipeline_mode: _PipelineMode
     created_at: str = field(default_factory=now_iso)
 
     def as_pal(self) -> dict[str, Any]:
@@ -138,7 +139,7 @@ class TavusConversation:
     meeting_token: str | None
     ledger_entry: LedgerEntry | None
     created_at: str = field(default_factory=now_iso)
-    status: ConversationStatus = "active"
+    status: _ConversationStatus = "active"
     end_reason: str | None = None
     deleted: bool = False
     # What the room received (so tests can assert what the SDK sent).
@@ -296,13 +297,13 @@ def _parse_properties(raw: object) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise BadRequest("properties must be an object")
     properties: dict[str, Any] = {
-        "max_call_duration": MAX_CALL_DURATION_LIMIT,
-        "participant_left_timeout": DEFAULT_PARTICIPANT_LEFT_TIMEOUT,
-        "participant_absent_timeout": DEFAULT_PARTICIPANT_ABSENT_TIMEOUT,
+        "max_call_duration": _MAX_CALL_DURATION_LIMIT,
+        "participant_left_timeout": _DEFAULT_PARTICIPANT_LEFT_TIMEOUT,
+        "participant_absent_timeout": _DEFAULT_PARTICIPANT_ABSENT_TIMEOUT,
     }
     if "max_call_duration" in raw:
         properties["max_call_duration"] = _integer_property(
-            raw, "max_call_duration", 1, MAX_CALL_DURATION_LIMIT
+            raw, "max_call_duration", 1, _MAX_CALL_DURATION_LIMIT
         )
     for key in ("participant_left_timeout", "participant_absent_timeout"):
         if key in raw:
@@ -335,11 +336,11 @@ def _parse_conversation_request(body: Mapping[str, Any]) -> _ConversationRequest
     )
 
 
-def _pipeline_mode(body: Mapping[str, Any]) -> PipelineMode:
+def _pipeline_mode(body: Mapping[str, Any]) -> _PipelineMode:
     mode = body.get("pipeline_mode", "full")
     if mode not in _PIPELINE_MODES:
         raise BadRequest(f"pipeline_mode must be one of {sorted(_PIPELINE_MODES)}")
-    checked: PipelineMode = mode
+    checked: _PipelineMode = mode
     return checked
 
 
@@ -360,7 +361,7 @@ def _parse_audio_echo(properties: Mapping[str, Any]) -> _AudioEcho:
     inference_id = properties.get("inference_id")
     if not isinstance(inference_id, str) or not inference_id:
         raise ProtocolError("properties.inference_id is required in audio mode")
-    sample_rate = properties.get("sample_rate", DEFAULT_SAMPLE_RATE)
+    sample_rate = properties.get("sample_rate", _DEFAULT_SAMPLE_RATE)
     if isinstance(sample_rate, bool) or sample_rate not in SUPPORTED_SAMPLE_RATES:
         raise ProtocolError(
             f"properties.sample_rate must be one of {sorted(SUPPORTED_SAMPLE_RATES)},"
@@ -484,7 +485,7 @@ class TavusEmulator(EmulatorServer):
         return MappingProxyType(self._pals)
 
     def add_pal(
-        self, pal_id: str, default_face_id: str, pipeline_mode: PipelineMode = "echo"
+        self, pal_id: str, default_face_id: str, pipeline_mode: _PipelineMode = "echo"
     ) -> None:
         """Register a PAL (usable as a persona id too) and its default face."""
         if pipeline_mode not in _PIPELINE_MODES:
@@ -807,7 +808,7 @@ class TavusEmulator(EmulatorServer):
     def _on_text_echo(self, conversation: TavusConversation, echo: _TextEcho) -> None:
         conversation.echo_messages += 1
         conversation.text_echoes.append(echo.text)
-        seconds = len(echo.text) * SECONDS_PER_TEXT_CHARACTER
+        seconds = len(echo.text) * _SECONDS_PER_TEXT_CHARACTER
         conversation.playback.feed(echo.inference_id, seconds, done=True)
 
     def _on_interrupt(self, conversation: TavusConversation) -> None:

@@ -42,6 +42,7 @@ from ..disclosure.metadata import DisclosureMetadata
 
 __all__ = [
     "API_PREFIX",
+    "MAX_QUOTED",
     "ClearBuffer",
     "Cleared",
     "ClientMessage",
@@ -56,7 +57,6 @@ __all__ = [
     "SessionEndedMessage",
     "SessionInfo",
     "Speak",
-    "MAX_QUOTED",
     "client_message",
     "quoted",
     "server_message",

@@ -150,7 +150,7 @@ _REPLACED = 4000
 _VIEWER_COOKIE = "avk_viewer"
 _RETRY_AFTER = "5"
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 def _is_loopback(host: str) -> bool:
@@ -488,7 +488,7 @@ class EngineServer:
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.aclose()
 
-    def _spawn(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+    def _spawn(self, coro: Coroutine[Any, Any, _T], name: str) -> asyncio.Task[_T]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -62,6 +62,7 @@ __all__ = [
     "STILL_IMAGE_FPS",
     "PrepareOptions",
     "PreparedAvatar",
+    "ProgressCallback",
     "cache_key",
     "default_cache_dir",
     "prepare_avatar",

@@ -20,7 +20,11 @@ from typing import ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["LipSyncEngine"]
+__all__ = [
+    "Audio",
+    "Frame",
+    "LipSyncEngine",
+]
 
 Frame = NDArray[np.uint8]
 Audio = NDArray[np.int16]

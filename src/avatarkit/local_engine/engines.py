@@ -28,7 +28,14 @@ from .engine import LipSyncEngine
 if TYPE_CHECKING:
     from .avatar import PreparedAvatar
 
-__all__ = ["ENGINES", "EngineChoice", "EngineName", "build_engine", "choose_engine"]
+__all__ = [
+    "ENGINES",
+    "EngineChoice",
+    "EngineName",
+    "available_engines",
+    "build_engine",
+    "choose_engine",
+]
 
 EngineName = Literal["lite", "musetalk"]
 ENGINES: tuple[str, ...] = get_args(EngineName)

@@ -81,10 +81,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 __all__ = [
+    "DETECT_TILE",
     "FACE_OVAL",
     "LIPS_OUTER",
     "LOWER_FACE_STRETCH",
-    "DETECT_TILE",
     "MESH_CROP_SCALE",
     "MESH_MIN_INPUT",
     "NOSE_BOTTOM",
@@ -92,6 +92,7 @@ __all__ = [
     "SMOOTHING_SECONDS",
     "FaceAnalyzer",
     "FrameFaces",
+    "detection_tiles",
     "face_box",
     "fill_missing",
     "lower_face_mask",
@@ -112,9 +113,9 @@ LIPS_OUTER: tuple[int, ...] = (
     61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185,
 )
 NOSE_BOTTOM = 2
-CHIN = 152
-CHEEK_LEFT = 234   # image-left end of the face's horizontal axis
-CHEEK_RIGHT = 454  # image-right end
+_CHIN = 152
+_CHEEK_LEFT = 234   # image-left end of the face's horizontal axis
+_CHEEK_RIGHT = 454  # image-right end
 
 #: Points below the nose line move away from it by this fraction of their distance to it.
 LOWER_FACE_STRETCH = 0.1
@@ -125,11 +126,11 @@ MESH_MIN_INPUT = 256
 #: Side (px) of the smallest detection tiles for frames where the full frame finds no face.
 DETECT_TILE = 640
 #: Two boxes whose intersection covers this much of the smaller one are one face.
-SAME_FACE_OVERLAP = 0.5
+_SAME_FACE_OVERLAP = 0.5
 #: Gaussian sigma of the temporal smoother, in seconds, at ``smoothing=1``.
 SMOOTHING_SECONDS = 0.06
 
-FloatArray = NDArray[np.float32]
+_FloatArray = NDArray[np.float32]
 
 # mediapipe 0.10.14 calls a protobuf API that protobuf 4.25 deprecates, on every process().
 _PROTOBUF_WARNING = r"SymbolDatabase\.GetPrototype\(\) is deprecated"
@@ -150,8 +151,8 @@ class FrameFaces:
     """
 
     face_count: int
-    landmarks: FloatArray | None
-    box: FloatArray | None
+    landmarks: _FloatArray | None
+    box: _FloatArray | None
     method: Literal["detector+mesh", "mesh", "detector", "none"]
 
     @property
@@ -248,7 +249,7 @@ class FaceAnalyzer:
             return FrameFaces(len(detections), None, detections[0], "detector")
         return FrameFaces(0, None, None, "none")
 
-    def _mesh_first(self, frame: NDArray[np.uint8], boxes: list[FloatArray]) -> FrameFaces | None:
+    def _mesh_first(self, frame: NDArray[np.uint8], boxes: list[_FloatArray]) -> FrameFaces | None:
         """The landmarks around the largest box the mesh accepts (a box it rejects is taken
         for a false detection), counting every box as a face; None when it accepts none."""
         for box in boxes:
@@ -257,22 +258,22 @@ class FaceAnalyzer:
                 return FrameFaces(len(boxes), landmarks, face_box(landmarks), "detector+mesh")
         return None
 
-    def _detect_tiled(self, frame: NDArray[np.uint8]) -> list[tuple[FloatArray, float]]:
+    def _detect_tiled(self, frame: NDArray[np.uint8]) -> list[tuple[_FloatArray, float]]:
         """Detections in each of the frame's :func:`detection_tiles`, at its own resolution
         (not merged)."""
         height, width = frame.shape[:2]
-        found: list[tuple[FloatArray, float]] = []
+        found: list[tuple[_FloatArray, float]] = []
         for x0, y0, side in detection_tiles(width, height):
             found += self._detect_in(frame[y0:y0 + side, x0:x0 + side], x0, y0)
         return found
 
     def _detect_in(self, image: NDArray[np.uint8], x0: int, y0: int
-                   ) -> list[tuple[FloatArray, float]]:
+                   ) -> list[tuple[_FloatArray, float]]:
         """``(box, score)`` of each face the detector finds in ``image``, which shows the
         frame from ``(x0, y0)``; boxes in frame pixels."""
         height, width = image.shape[:2]
         result = self._detector.process(np.ascontiguousarray(image))
-        found: list[tuple[FloatArray, float]] = []
+        found: list[tuple[_FloatArray, float]] = []
         for det in result.detections or ():
             rel = det.location_data.relative_bounding_box
             bx, by = x0 + rel.xmin * width, y0 + rel.ymin * height
@@ -281,7 +282,7 @@ class FaceAnalyzer:
             found.append((box, float(det.score[0]) if det.score else 0.0))
         return found
 
-    def _mesh_around(self, frame: NDArray[np.uint8], box: FloatArray) -> FloatArray | None:
+    def _mesh_around(self, frame: NDArray[np.uint8], box: _FloatArray) -> _FloatArray | None:
         side = max(1, round(MESH_CROP_SCALE * float(max(box[2] - box[0], box[3] - box[1]))))
         cx, cy = (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
         x0, y0 = round(float(cx) - side / 2.0), round(float(cy) - side / 2.0)
@@ -296,11 +297,11 @@ class FaceAnalyzer:
         return min(meshes, key=lambda lm: float(np.linalg.norm(_box_centre(lm) - centre)))
 
     def _mesh_faces(self, image: NDArray[np.uint8], x0: float, y0: float, width: float,
-                    height: float) -> list[FloatArray]:
+                    height: float) -> list[_FloatArray]:
         """Run the mesh on ``image``, which shows the frame region ``(x0, y0, width, height)``
         (possibly resized); return landmarks in frame pixels."""
         result = self._mesh.process(np.ascontiguousarray(image))
-        faces: list[FloatArray] = []
+        faces: list[_FloatArray] = []
         for face in result.multi_face_landmarks or ():
             norm = np.array([(p.x, p.y) for p in face.landmark], dtype=np.float64)
             if norm.shape != (NUM_LANDMARKS, 2):
@@ -335,25 +336,25 @@ def detection_tiles(width: int, height: int, *,
         side *= 2
 
 
-def _largest_first(found: list[tuple[FloatArray, float]]) -> list[FloatArray]:
+def _largest_first(found: list[tuple[_FloatArray, float]]) -> list[_FloatArray]:
     boxes = [box for box, _ in found]
     boxes.sort(key=_area, reverse=True)
     return boxes
 
 
-def _merge_same_faces(found: list[tuple[FloatArray, float]]
-                      ) -> list[tuple[FloatArray, float]]:
-    """One box per face: of boxes whose intersection covers ``SAME_FACE_OVERLAP`` of the
+def _merge_same_faces(found: list[tuple[_FloatArray, float]]
+                      ) -> list[tuple[_FloatArray, float]]:
+    """One box per face: of boxes whose intersection covers ``_SAME_FACE_OVERLAP`` of the
     smaller one, the most confident (then the larger) is kept."""
     ordered = sorted(found, key=lambda f: (f[1], _area(f[0])), reverse=True)
-    kept: list[tuple[FloatArray, float]] = []
+    kept: list[tuple[_FloatArray, float]] = []
     for box, score in ordered:
-        if all(_overlap_of_smaller(box, other) < SAME_FACE_OVERLAP for other, _ in kept):
+        if all(_overlap_of_smaller(box, other) < _SAME_FACE_OVERLAP for other, _ in kept):
             kept.append((box, score))
     return kept
 
 
-def _overlap_of_smaller(a: FloatArray, b: FloatArray) -> float:
+def _overlap_of_smaller(a: _FloatArray, b: _FloatArray) -> float:
     w = min(float(a[2]), float(b[2])) - max(float(a[0]), float(b[0]))
     h = min(float(a[3]), float(b[3])) - max(float(a[1]), float(b[1]))
     if w <= 0 or h <= 0:
@@ -373,21 +374,21 @@ def _cut_padded(frame: NDArray[np.uint8], x0: int, y0: int, side: int) -> NDArra
     return out
 
 
-def _area(box: FloatArray) -> float:
+def _area(box: _FloatArray) -> float:
     """The area of an ``(x0, y0, x1, y1)`` box."""
     return float((box[2] - box[0]) * (box[3] - box[1]))
 
 
-def _box_area(landmarks: FloatArray) -> float:
+def _box_area(landmarks: _FloatArray) -> float:
     return _area(face_box(landmarks))
 
 
-def _box_centre(landmarks: FloatArray) -> NDArray[np.float64]:
+def _box_centre(landmarks: _FloatArray) -> NDArray[np.float64]:
     box = face_box(landmarks).astype(np.float64)
     return np.array([(box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0])
 
 
-def face_box(landmarks: NDArray[np.floating[Any]]) -> FloatArray:
+def face_box(landmarks: NDArray[np.floating[Any]]) -> _FloatArray:
     """The landmark extent ``(x0, y0, x1, y1)`` of ``(468, 2)`` or ``(N, 468, 2)`` landmarks
     (shape ``(4,)`` or ``(N, 4)``)."""
     lo = landmarks.min(axis=-2)
@@ -395,7 +396,7 @@ def face_box(landmarks: NDArray[np.floating[Any]]) -> FloatArray:
     return np.concatenate([lo, hi], axis=-1).astype(np.float32)
 
 
-def fill_missing(tracks: FloatArray, present: NDArray[np.bool_]) -> FloatArray:
+def fill_missing(tracks: _FloatArray, present: NDArray[np.bool_]) -> _FloatArray:
     """Fill the frames where ``present`` is False with landmarks interpolated in time.
 
     Linear between the nearest earlier and later frames that have a face; before the first
@@ -420,7 +421,7 @@ def fill_missing(tracks: FloatArray, present: NDArray[np.bool_]) -> FloatArray:
     return out
 
 
-def smooth_tracks(tracks: FloatArray, *, fps: float, strength: float) -> FloatArray:
+def smooth_tracks(tracks: _FloatArray, *, fps: float, strength: float) -> _FloatArray:
     """Zero-phase temporal smoothing of landmark tracks ``(N, 468, 2)``.
 
     A Gaussian over time with sigma ``strength * SMOOTHING_SECONDS * fps`` frames (1.5 frames at
@@ -495,12 +496,12 @@ def lower_face_mask(landmarks: NDArray[np.floating[Any]], crop_box: NDArray[np.i
     scale = size / float(x1 - x0)
     pts = (pts - np.array([x0, y0], dtype=np.float64)) * scale
 
-    axis = pts[CHEEK_RIGHT] - pts[CHEEK_LEFT]
+    axis = pts[_CHEEK_RIGHT] - pts[_CHEEK_LEFT]
     norm = float(np.linalg.norm(axis))
     axis = axis / norm if norm > 1e-6 else np.array([1.0, 0.0])
     normal = np.array([-axis[1], axis[0]])
     anchor = pts[NOSE_BOTTOM]
-    if (pts[CHIN] - anchor) @ normal < 0:
+    if (pts[_CHIN] - anchor) @ normal < 0:
         normal = -normal
 
     oval = pts[list(FACE_OVAL)]

@@ -3,7 +3,7 @@
 No model, no weights: the audio of each video frame drives three mouth parameters, and a
 piecewise-affine warp of the avatar's lower face shows them.
 
-Audio -> mouth (:class:`MouthModel`)
+_Audio -> mouth (:class:`MouthModel`)
 ------------------------------------
 Per frame of int16 mono audio (``sample_rate / fps`` samples):
 
@@ -124,10 +124,10 @@ __all__ = [
 #: Bumped whenever the lite engine's output changes for the same input and options.
 LITE_ENGINE_VERSION = "1"
 
-Frame = NDArray[np.uint8]
-Audio = NDArray[np.int16]
-F32 = NDArray[np.float32]
-F64 = NDArray[np.float64]
+_Frame = NDArray[np.uint8]
+_Audio = NDArray[np.int16]
+_F32 = NDArray[np.float32]
+_F64 = NDArray[np.float64]
 
 # ----------------------------------------------------------------------------- landmarks
 
@@ -136,9 +136,9 @@ UPPER_OUTER: tuple[int, ...] = (61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291)
 LOWER_OUTER: tuple[int, ...] = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291)
 UPPER_INNER: tuple[int, ...] = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308)
 LOWER_INNER: tuple[int, ...] = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308)
-MOUTH_CORNERS: tuple[int, ...] = (61, 291, 78, 308)
+_MOUTH_CORNERS: tuple[int, ...] = (61, 291, 78, 308)
 # The skin around the mouth, the lower face oval and the chin (pairs mirror each other).
-SURROUND: tuple[int, ...] = (
+_SURROUND: tuple[int, ...] = (
     2, 164, 167, 393, 165, 391, 92, 322, 186, 410, 216, 436,          # nose bottom, philtrum
     57, 287, 212, 432, 214, 434, 43, 273, 202, 422, 138, 367,         # beside the mouth
     106, 335, 204, 424, 182, 406, 83, 313, 18, 210, 430, 211, 431,    # below the lower lip
@@ -147,10 +147,10 @@ SURROUND: tuple[int, ...] = (
 )
 #: The landmarks the warp mesh is built on (before the anchors around the crop box).
 MESH_LANDMARKS: tuple[int, ...] = tuple(dict.fromkeys(
-    UPPER_OUTER + LOWER_OUTER + UPPER_INNER + LOWER_INNER + SURROUND))
+    UPPER_OUTER + LOWER_OUTER + UPPER_INNER + LOWER_INNER + _SURROUND))
 
-_UPPER_LIP = frozenset(UPPER_OUTER + UPPER_INNER) - frozenset(MOUTH_CORNERS)
-_LOWER_LIP = frozenset(LOWER_OUTER + LOWER_INNER) - frozenset(MOUTH_CORNERS)
+_UPPER_LIP = frozenset(UPPER_OUTER + UPPER_INNER) - frozenset(_MOUTH_CORNERS)
+_LOWER_LIP = frozenset(LOWER_OUTER + LOWER_INNER) - frozenset(_MOUTH_CORNERS)
 _INNER = frozenset(UPPER_INNER + LOWER_INNER)
 # The row under the nose never moves.
 _STILL = frozenset((2, 167, 393, 165, 391, 216, 436))
@@ -195,7 +195,7 @@ class MouthShape:
         return self.openness == 0.0 and self.width == 0.0 and self.rounding == 0.0
 
 
-REST = MouthShape()
+_REST = MouthShape()
 
 
 class MouthOptions(BaseModel):
@@ -233,7 +233,7 @@ def _smoothstep(x: float) -> float:
 
 
 class MouthModel:
-    """Audio frames in, smoothed :class:`MouthShape` out (one call per video frame).
+    """_Audio frames in, smoothed :class:`MouthShape` out (one call per video frame).
 
     ``fps`` sets the frame duration the smoothing advances by on each call, whatever the
     number of samples (the last frame of a segment may be short). Not thread-safe.
@@ -253,9 +253,9 @@ class MouthModel:
         dt = 1.0 / self.fps
         self._attack = 1.0 - math.exp(-dt / self.options.attack_s)
         self._release = dt / self.options.release_s
-        self._windows: dict[int, tuple[F32, NDArray[np.bool_], NDArray[np.bool_],
+        self._windows: dict[int, tuple[_F32, NDArray[np.bool_], NDArray[np.bool_],
                                        NDArray[np.bool_]]] = {}
-        self._state = REST
+        self._state = _REST
 
     @property
     def shape(self) -> MouthShape:
@@ -264,23 +264,23 @@ class MouthModel:
 
     def reset(self) -> None:
         """Back to rest: the next frame starts from a closed mouth."""
-        self._state = REST
+        self._state = _REST
 
-    def target(self, audio: Audio) -> MouthShape:
+    def target(self, audio: _Audio) -> MouthShape:
         """The shape one frame of audio asks for, before smoothing (stateless)."""
         samples = _check_audio(audio)
         count = samples.shape[0]
         if count == 0:
-            return REST
+            return _REST
         x = samples.astype(np.float32)
         x *= np.float32(1.0 / 32768.0)
         power = float(np.dot(x, x)) / count
         opts = self.options
         if power <= 0.0:
-            return REST
+            return _REST
         level_db = 10.0 * math.log10(power)
         if level_db <= opts.gate_db:
-            return REST
+            return _REST
         loud = min(1.0, (level_db - opts.gate_db) / (opts.full_db - opts.gate_db))
 
         window, low, mid, high = self._bands(count)
@@ -301,13 +301,13 @@ class MouthModel:
         openness = loud * (1.0 - opts.sibilant_close * hiss)
         return MouthShape(openness=openness, width=width, rounding=rounding)
 
-    def step(self, audio: Audio) -> MouthShape:
+    def step(self, audio: _Audio) -> MouthShape:
         """Advance one frame towards the shape ``audio`` asks for; the new smoothed shape."""
         return self._advance(self.target(audio))
 
     def rest(self) -> MouthShape:
         """Advance one frame towards rest without looking at any audio (idle frames)."""
-        return self._advance(REST)
+        return self._advance(_REST)
 
     def _advance(self, target: MouthShape) -> MouthShape:
         state = self._state
@@ -324,7 +324,7 @@ class MouthModel:
         self._state = MouthShape(*values)
         return self._state
 
-    def _bands(self, count: int) -> tuple[F32, NDArray[np.bool_], NDArray[np.bool_],
+    def _bands(self, count: int) -> tuple[_F32, NDArray[np.bool_], NDArray[np.bool_],
                                           NDArray[np.bool_]]:
         cached = self._windows.get(count)
         if cached is None:
@@ -342,7 +342,7 @@ class MouthModel:
         return cached
 
 
-def _check_audio(audio: object) -> Audio:
+def _check_audio(audio: object) -> _Audio:
     expected = "a 1-D int16 array of mono PCM samples"
     if not isinstance(audio, np.ndarray):
         raise MediaFormatError(f"got {type(audio).__name__}", field="audio", expected=expected)
@@ -397,7 +397,7 @@ class LiteOptions(BaseModel):
 # ----------------------------------------------------------------------------- geometry
 
 
-def _face_frame(lm: F64) -> tuple[F64, F64, F64, float, float]:
+def _face_frame(lm: _F64) -> tuple[_F64, _F64, _F64, float, float]:
     """``(mouth centre, axis across, normal towards the chin, face height, half width)``."""
     axis = lm[_CHEEK_RIGHT] - lm[_CHEEK_LEFT]
     norm = float(np.linalg.norm(axis))
@@ -411,7 +411,7 @@ def _face_frame(lm: F64) -> tuple[F64, F64, F64, float, float]:
     return centre, axis, normal, height, half_width
 
 
-def _basis(lm: F64, opts: LiteOptions) -> F64:
+def _basis(lm: _F64, opts: LiteOptions) -> _F64:
     """Displacements ``(3, 468, 2)`` of every landmark at full openness, width, rounding."""
     centre, axis, normal, height, hw = _face_frame(lm)
     rel = lm - centre
@@ -443,7 +443,7 @@ def _basis(lm: F64, opts: LiteOptions) -> F64:
     open_v[lower] = drop * jaw[lower] * ellipse[lower]
     for index in _UPPER_LIP:
         open_v[index] = -raise_ * float(ellipse[index]) * (1.0 if index in _INNER else 0.6)
-    for index in MOUTH_CORNERS:
+    for index in _MOUTH_CORNERS:
         open_v[index] = 0.1 * drop
 
     # Sideways stretch about the mouth centre: all of it on the lips, fading outside (over a
@@ -452,7 +452,7 @@ def _basis(lm: F64, opts: LiteOptions) -> F64:
     reach = np.where(below < 0.0, 0.2 * height, 0.4 * height)
     along = np.clip(1.0 - np.abs(below) / reach, 0.0, 1.0)
     stretch = u * hw * across * along
-    lips = list(_UPPER_LIP | _LOWER_LIP | frozenset(MOUTH_CORNERS))
+    lips = list(_UPPER_LIP | _LOWER_LIP | frozenset(_MOUTH_CORNERS))
     stretch[lips] = u[lips] * hw
 
     still = list(_STILL)
@@ -466,7 +466,7 @@ def _basis(lm: F64, opts: LiteOptions) -> F64:
     return basis
 
 
-def _triangulate(points: F64) -> NDArray[np.int32]:
+def _triangulate(points: _F64) -> NDArray[np.int32]:
     """Delaunay triangles ``(T, 3)`` of distinct 2-D points: SciPy's when installed, else
     OpenCV's ``Subdiv2D``."""
     try:
@@ -476,7 +476,7 @@ def _triangulate(points: F64) -> NDArray[np.int32]:
     return np.asarray(spatial.Delaunay(points).simplices, dtype=np.int32)
 
 
-def _triangulate_cv(points: F64) -> NDArray[np.int32]:
+def _triangulate_cv(points: _F64) -> NDArray[np.int32]:
     import cv2
 
     lo = np.floor(points.min(axis=0)) - 2.0
@@ -495,13 +495,13 @@ def _triangulate_cv(points: F64) -> NDArray[np.int32]:
     return np.asarray(triangles, dtype=np.int32).reshape(-1, 3)
 
 
-def _signed_areas(points: F64, triangles: NDArray[np.int32]) -> F64:
+def _signed_areas(points: _F64, triangles: NDArray[np.int32]) -> _F64:
     a = points[triangles[:, 1]] - points[triangles[:, 0]]
     b = points[triangles[:, 2]] - points[triangles[:, 0]]
     return np.asarray(a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0], dtype=np.float64)
 
 
-def _fold_free_scale(rest: F64, basis: F64, triangles: NDArray[np.int32]) -> F64:
+def _fold_free_scale(rest: _F64, basis: _F64, triangles: NDArray[np.int32]) -> _F64:
     """Factors ``(3,)`` for the three displacement fields so that no triangle that is sound
     at rest turns over in any pose of a 3 x 3 x 3 grid over the parameter cube.
 
@@ -539,24 +539,24 @@ class _Rig:
     ``remap`` use. ``region`` is ``(y0, y1, x0, x1)``, where the blend weight is not zero.
     """
 
-    frame: Frame                 # (H, W, 3), read-only
-    landmarks: F64               # (468, 2) continuous pixel coordinates
-    basis: F64                   # (3, 468, 2)
+    frame: _Frame                 # (H, W, 3), read-only
+    landmarks: _F64               # (468, 2) continuous pixel coordinates
+    basis: _F64                   # (3, 468, 2)
     region: tuple[int, int, int, int]
     alpha: NDArray[np.uint16]    # (h, w, 1) blend weight 0..255 over the region
     keep: NDArray[np.uint16]     # (h, w, 3) source * (255 - alpha) + 127
-    grid_x: F32                  # (h, w) pixel-index x of each region pixel
-    grid_y: F32
-    rest: F64                    # (M, 2) mesh vertices, index coordinates
-    vertex_basis: F64            # (3, M, 2) the vertices' displacement fields
+    grid_x: _F32                  # (h, w) pixel-index x of each region pixel
+    grid_y: _F32
+    rest: _F64                    # (M, 2) mesh vertices, index coordinates
+    vertex_basis: _F64            # (3, M, 2) the vertices' displacement fields
     triangles: NDArray[np.int32]  # (K, 3) the triangles with a moving vertex
     inner: NDArray[np.intp]      # mesh vertices of the inner lip loop (upper L->R, lower R->L)
     upper_inner: NDArray[np.intp]
     lower_inner: NDArray[np.intp]
     source_mouth: NDArray[np.float32]  # (h, w) 0..1: where the source mouth is open
-    centre: F64                  # mouth centre, index coordinates
-    axis: F64
-    normal: F64
+    centre: _F64                  # mouth centre, index coordinates
+    axis: _F64
+    normal: _F64
     height: float
     half_width: float
     teeth: float                 # painted teeth opacity for this frame (0 when the source
@@ -569,7 +569,7 @@ class _Rig:
 
 
 def _scaled_frame(avatar: PreparedAvatar, index: int,
-                  size: tuple[int, int]) -> tuple[Frame, F64, F64, NDArray[np.uint8]]:
+                  size: tuple[int, int]) -> tuple[_Frame, _F64, _F64, NDArray[np.uint8]]:
     """The frame, landmarks, crop box (float) and mask of ``index`` at ``size`` (w, h)."""
     frame = avatar.frames[index]
     lm = avatar.landmarks[index].astype(np.float64)
@@ -587,7 +587,7 @@ def _scaled_frame(avatar: PreparedAvatar, index: int,
     return frame, lm, crop, avatar.masks[index]
 
 
-def _build_rig(frame: Frame, lm: F64, crop: F64, mask: NDArray[np.uint8],
+def _build_rig(frame: _Frame, lm: _F64, crop: _F64, mask: NDArray[np.uint8],
                opts: LiteOptions) -> _Rig:
     import cv2
 
@@ -710,10 +710,10 @@ class LiteEngine(LipSyncEngine):
         else:
             self.width, self.height = int(src_w), int(src_h)
         self._scaled = (self.width, self.height) != (src_w, src_h)
-        self.shape: MouthShape = REST
+        self.shape: MouthShape = _REST
         self.last_stage_ns: dict[str, int] = {"mouth": 0, "warp": 0, "shade_blend": 0}
         self._rigs: dict[int, _Rig] = {}
-        self._identity: dict[int, F32] = {}
+        self._identity: dict[int, _F32] = {}
 
     def __repr__(self) -> str:
         return (f"LiteEngine(avatar={self.avatar!r}, size={self.width}x{self.height}, "
@@ -721,7 +721,7 @@ class LiteEngine(LipSyncEngine):
 
     # -- the contract
 
-    def render(self, audio: Audio, *, source_index: int, speaking: bool) -> Frame:
+    def render(self, audio: _Audio, *, source_index: int, speaking: bool) -> _Frame:
         """One frame: see :meth:`LipSyncEngine.render`.
 
         ``speaking=False`` returns a copy of the source frame (the mouth closed) without
@@ -746,7 +746,7 @@ class LiteEngine(LipSyncEngine):
     def reset(self) -> None:
         """Back to a closed mouth (after an interrupt)."""
         self.mouth.reset()
-        self.shape = REST
+        self.shape = _REST
 
     def warm_up(self, source_indices: Iterable[int] | None = None) -> None:
         """Build the per-source-frame data now instead of on first use: about 15 ms a frame,
@@ -762,12 +762,12 @@ class LiteEngine(LipSyncEngine):
 
     # -- helpers for tools and tests
 
-    def draw(self, shape: MouthShape, *, source_index: int = 0) -> Frame:
+    def draw(self, shape: MouthShape, *, source_index: int = 0) -> _Frame:
         """The frame for a given mouth shape, leaving the mouth model alone."""
         self._check_index(source_index)
         return self._draw(shape, source_index)
 
-    def displaced_landmarks(self, shape: MouthShape, *, source_index: int = 0) -> F32:
+    def displaced_landmarks(self, shape: MouthShape, *, source_index: int = 0) -> _F32:
         """The ``(468, 2)`` landmarks (continuous pixel coordinates of the engine's frames)
         moved as :meth:`draw` moves them for ``shape``."""
         self._check_index(source_index)
@@ -803,10 +803,10 @@ class LiteEngine(LipSyncEngine):
             self._rigs[int(index)] = rig
         return rig
 
-    def _frame(self, index: int) -> Frame:
+    def _frame(self, index: int) -> _Frame:
         return self._rig(index).frame if self._scaled else self.avatar.frames[index]
 
-    def _draw(self, shape: MouthShape, index: int) -> Frame:
+    def _draw(self, shape: MouthShape, index: int) -> _Frame:
         start = time.perf_counter_ns()
         rig = None if shape.is_rest else self._rig(index)
         if rig is None or rig.empty:
@@ -824,7 +824,7 @@ class LiteEngine(LipSyncEngine):
         self.last_stage_ns = {"mouth": 0, "warp": warp_ns - start, "shade_blend": end - warp_ns}
         return out
 
-    def _warp(self, rig: _Rig, moved: F64) -> Frame:
+    def _warp(self, rig: _Rig, moved: _F64) -> _Frame:
         """The region of the frame, warped from the rest mesh to ``moved``."""
         import cv2
 
@@ -876,8 +876,8 @@ class LiteEngine(LipSyncEngine):
         return np.asarray(cv2.remap(rig.frame, map_x, map_y, interpolation=cv2.INTER_LINEAR,
                                     borderMode=cv2.BORDER_REPLICATE), dtype=np.uint8)
 
-    def _shade_and_blend(self, rig: _Rig, moved: F64, warped: Frame, shape: MouthShape,
-                         out: Frame) -> None:
+    def _shade_and_blend(self, rig: _Rig, moved: _F64, warped: _Frame, shape: MouthShape,
+                         out: _Frame) -> None:
         import cv2
 
         y0, y1, x0, x1 = rig.region
@@ -900,7 +900,7 @@ class LiteEngine(LipSyncEngine):
         blended //= 255
         out[y0:y1, x0:x1] = blended
 
-    def _paint_mouth(self, rig: _Rig, moved: F64, warped: Frame, shape: MouthShape,
+    def _paint_mouth(self, rig: _Rig, moved: _F64, warped: _Frame, shape: MouthShape,
                      cavity: NDArray[np.uint8], box: tuple[int, int, int, int]) -> None:
         """Paint the opened mouth into ``warped`` where ``cavity`` (AA coverage) says."""
         by0, by1, bx0, bx1 = box
@@ -912,7 +912,7 @@ class LiteEngine(LipSyncEngine):
         u = dx * rig.axis[0] + dy * rig.axis[1]
         v = dx * rig.normal[0] + dy * rig.normal[1]
 
-        def contour(vertices: NDArray[np.intp]) -> tuple[F64, F64]:
+        def contour(vertices: NDArray[np.intp]) -> tuple[_F64, _F64]:
             rel = moved[vertices] - rig.centre
             cu, cv = rel @ rig.axis, rel @ rig.normal
             order = np.argsort(cu)

@@ -47,7 +47,7 @@ from .engine import LipSyncEngine
 
 __all__ = ["AvatarRunner", "RunnerFrame", "RunnerOutput", "SegmentEnd"]
 
-Frame = NDArray[np.uint8]
+_Frame = NDArray[np.uint8]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +124,7 @@ class AvatarRunner:
     iterate :meth:`frames` (one consumer)."""
 
     def __init__(self, engine: LipSyncEngine, *, realtime: bool = True, batch_size: int = 1,
-                 post: Callable[[Frame], None] | None = None,
+                 post: Callable[[_Frame], None] | None = None,
                  max_buffered_s: float = 120.0) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -360,7 +360,7 @@ class AvatarRunner:
         return ahead if len(ahead) else None
 
     def _draw(self, audio: list[NDArray[np.int16]], indices: list[int], speaking: list[bool],
-              segments: list[str | None], lookahead: NDArray[np.int16] | None) -> list[Frame]:
+              segments: list[str | None], lookahead: NDArray[np.int16] | None) -> list[_Frame]:
         pictures = self.engine.render_batch(audio, source_indices=indices, speaking=speaking,
                                             segment_ids=segments, lookahead=lookahead)
         if self._post is not None:

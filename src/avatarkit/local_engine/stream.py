@@ -39,7 +39,7 @@ __all__ = ["EngineStream", "PlaybackStart", "StreamEvent"]
 
 logger = logging.getLogger("avatarkit.local_engine.stream")
 
-Frame = NDArray[np.uint8]
+_Frame = NDArray[np.uint8]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +52,7 @@ class PlaybackStart:
 
 
 StreamEvent = PlaybackStart | SegmentEnd
-Sink = Callable[[RunnerFrame], None]
+_Sink = Callable[[RunnerFrame], None]
 
 
 class EngineStream:
@@ -67,13 +67,13 @@ class EngineStream:
         batch_size: frames drawn per engine call.
     """
 
-    def __init__(self, engine: LipSyncEngine, *, post: Callable[[Frame], None] | None = None,
+    def __init__(self, engine: LipSyncEngine, *, post: Callable[[_Frame], None] | None = None,
                  realtime: bool = True, on_event: Callable[[StreamEvent], None] | None = None,
                  batch_size: int = 1) -> None:
         self.engine = engine
         self.runner = AvatarRunner(engine, realtime=realtime, post=post, batch_size=batch_size)
         self._on_event = on_event
-        self._sinks: list[Sink] = []
+        self._sinks: list[_Sink] = []
         self._first_audio_at: dict[str, float] = {}
         self._started: set[str] = set()
         self._task: asyncio.Task[None] | None = None
@@ -88,11 +88,11 @@ class EngineStream:
 
     # -- setup ------------------------------------------------------------------------------
 
-    def add_sink(self, sink: Sink) -> None:
+    def add_sink(self, sink: _Sink) -> None:
         """Call ``sink(frame)`` for every frame released from now on (sync, must not block)."""
         self._sinks.append(sink)
 
-    def remove_sink(self, sink: Sink) -> None:
+    def remove_sink(self, sink: _Sink) -> None:
         with contextlib.suppress(ValueError):
             self._sinks.remove(sink)
 

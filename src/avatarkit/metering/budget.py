@@ -30,9 +30,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..contract import ProviderProfile
 from .ledger import SessionLedger
 
-__all__ = ["BudgetCap", "BudgetConfig", "BudgetGuard", "BudgetStatus", "CapUse"]
+__all__ = [
+    "BudgetCap",
+    "BudgetConfig",
+    "BudgetConstraint",
+    "BudgetGuard",
+    "BudgetStatus",
+    "CapUse",
+]
 
-Unit = Literal["minutes", "cost"]
+_Unit = Literal["minutes", "cost"]
 _SIXTY = Decimal(60)
 
 
@@ -82,7 +89,7 @@ class CapUse:
     """One cap as it applies to one session on one provider, at one moment."""
 
     name: str             # config path, e.g. "budgets.tenants.acme.max_cost"
-    unit: Unit
+    unit: _Unit
     limit: Decimal
     used: Decimal         # spent in the cap's scope and period, this session included
     burn_per_s: Decimal   # how fast the scope spends now (minutes or money per second)

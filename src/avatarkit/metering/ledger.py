@@ -23,7 +23,7 @@ every process sharing the ledger file.
 
 Conventions, as in :mod:`avatarkit.consent.store`: :class:`SessionLedger` is the async
 interface (so a PostgreSQL ledger can be added without touching callers) and
-:class:`SQLiteSessionLedger` the embedded default. Money is :class:`~decimal.Decimal` and
+:class:`SQLiteSessionLedger` the embedded default. _Money is :class:`~decimal.Decimal` and
 stored as TEXT (exact); an unknown price is ``None``, never ``0``, so that "free" and "we do
 not know" cannot be confused in a budget check.
 """
@@ -60,6 +60,7 @@ from ..sqlite import SQLiteDatabase
 
 __all__ = [
     "GroupKey",
+    "Name",
     "ProcessIdentity",
     "RowState",
     "SQLiteSessionLedger",
@@ -68,6 +69,7 @@ __all__ = [
     "Usage",
     "UsageReport",
     "UsageRow",
+    "cost_of",
 ]
 
 RowState = Literal["creating", "open", "ended", "failed", "abandoned"]
@@ -228,9 +230,9 @@ def _money(value: Decimal) -> Decimal:
     return value
 
 
-UtcDatetime = Annotated[datetime, AfterValidator(_aware)]
-Money = Annotated[Decimal, AfterValidator(_money)]
-Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+_UtcDatetime = Annotated[datetime, AfterValidator(_aware)]
+_Money = Annotated[Decimal, AfterValidator(_money)]
+_Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Name = Annotated[str, Field(min_length=1)]
 
 
@@ -271,16 +273,16 @@ class SessionRow(BaseModel):
     tenant: str | None = None
     purpose: str | None = None
     plan: str | None = None
-    price_per_minute: Money | None = None
+    price_per_minute: _Money | None = None
     currency: Name
     state: RowState
     owner: ProcessIdentity
-    created_at: UtcDatetime
-    billing_started_at: UtcDatetime | None = None
-    heartbeat_at: UtcDatetime
-    ended_at: UtcDatetime | None = None
-    billed_seconds: Seconds | None = None
-    cost: Money | None = None
+    created_at: _UtcDatetime
+    billing_started_at: _UtcDatetime | None = None
+    heartbeat_at: _UtcDatetime
+    ended_at: _UtcDatetime | None = None
+    billed_seconds: _Seconds | None = None
+    cost: _Money | None = None
     end_reason: str | None = None
 
     @model_validator(mode="after")
@@ -300,7 +302,7 @@ class SessionRow(BaseModel):
         return self.state in _TERMINAL
 
     def billed_seconds_at(self, now: datetime) -> float:
-        """Seconds billed as of ``now``: the recorded figure for a terminal row, else the time
+        """_Seconds billed as of ``now``: the recorded figure for a terminal row, else the time
         since billing started (0 before it did)."""
         if self.terminal:
             return self.billed_seconds or 0.0
@@ -330,9 +332,9 @@ class Usage(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     sessions: int = Field(ge=0)
-    billed_seconds: Seconds
+    billed_seconds: _Seconds
     cost: Decimal | None
-    unpriced_seconds: Seconds
+    unpriced_seconds: _Seconds
     open_sessions: int = Field(ge=0)
     currency: str | None
 
@@ -361,11 +363,11 @@ class UsageReport(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    since: UtcDatetime
-    until: UtcDatetime
+    since: _UtcDatetime
+    until: _UtcDatetime
     group_by: tuple[GroupKey, ...]
     rows: tuple[UsageRow, ...]
-    generated_at: UtcDatetime
+    generated_at: _UtcDatetime
 
     def to_text(self) -> str:
         """An aligned plain-text table, for a terminal or a log."""

@@ -30,7 +30,7 @@ __all__ = ["ReapOutcome", "end_row", "reap_orphans"]
 
 logger = logging.getLogger("avatarkit.reaper")
 
-ReapAction = Literal["ended", "abandoned", "failed", "skipped", "not_found"]
+_ReapAction = Literal["ended", "abandoned", "failed", "skipped", "not_found"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +39,7 @@ class ReapOutcome:
     stays open and the next run tries again) or was ``skipped`` (provider not configured)."""
 
     row: SessionRow
-    action: ReapAction
+    action: _ReapAction
     vendor_session_id: str | None = None
     error: str | None = None
 

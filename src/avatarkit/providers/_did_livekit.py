@@ -66,7 +66,14 @@ from ..transport.livekit import (
 if TYPE_CHECKING:
     from .did import DIDProvider
 
-__all__ = ["DIDLiveKitSession", "room_for_attempt", "start_room_session"]
+__all__ = [
+    "ROOM_PREFIX",
+    "DIDLiveKitSession",
+    "end_room_session",
+    "find_room_session",
+    "room_for_attempt",
+    "start_room_session",
+]
 
 logger = logging.getLogger("avatarkit.providers.did")
 
@@ -74,7 +81,7 @@ ROOM_PREFIX = "room:"
 #: The avatar's token outlives the wait for it by this much: a D-ID worker that turns up after
 #: we gave up is refused by the LiveKit server (beyond its clock leeway), so nothing is left
 #: billing in a room we left.
-AVATAR_JOIN_GRACE_S = 2.0
+_AVATAR_JOIN_GRACE_S = 2.0
 _CLEAR_BUFFER_TIMEOUT = 2.0
 
 
@@ -83,7 +90,7 @@ def room_for_attempt(idempotency_key: str) -> str:
     return "avk-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:24]
 
 
-def room_service(provider: DIDProvider) -> RoomService:
+def _room_service(provider: DIDProvider) -> RoomService:
     s = provider.settings
     assert s.livekit_url and s.livekit_api_key and s.livekit_api_secret
     return RoomService(provider=provider.instance_name, client=provider._http_client,
@@ -111,7 +118,7 @@ async def start_room_session(provider: DIDProvider,
     assert s.livekit_url is not None
     room = s.livekit_room or room_for_attempt(request.idempotency_key)
     agent_token = _token(provider, identity=s.agent_identity, room=room,
-                         ttl_s=s.connect_timeout_s + AVATAR_JOIN_GRACE_S,
+                         ttl_s=s.connect_timeout_s + _AVATAR_JOIN_GRACE_S,
                          kind="agent", name="avatarkit")
     link = await connect_room(s.livekit_url, agent_token, provider=provider.instance_name,
                               join_timeout=s.connect_timeout_s)
@@ -124,7 +131,7 @@ async def start_room_session(provider: DIDProvider,
         max_duration_s=request.max_duration_s)
     try:
         avatar_token = _token(provider, identity=s.avatar_identity, room=room,
-                              ttl_s=s.connect_timeout_s + AVATAR_JOIN_GRACE_S,
+                              ttl_s=s.connect_timeout_s + _AVATAR_JOIN_GRACE_S,
                               kind="agent", name="D-ID avatar",
                               attributes={"lk.publish_on_behalf": s.agent_identity})
         body = {"transport": {"provider": "livekit", "server_url": s.livekit_url,
@@ -357,7 +364,7 @@ class DIDLiveKitSession(ProviderSession):
         task.add_done_callback(self._tasks.discard)
 
     async def _remove_avatar(self) -> None:
-        removed = await room_service(self._provider).remove_participant(self.room, self._avatar)
+        removed = await _room_service(self._provider).remove_participant(self.room, self._avatar)
         if not removed:
             logger.info("%s: D-ID's avatar had already left room %s", self.provider, self.room)
 
@@ -382,11 +389,11 @@ async def end_room_session(provider: DIDProvider, vendor_session_id: str) -> Non
     if not room:
         raise InvalidRequestError(f"{vendor_session_id!r} is not a D-ID room session id",
                                   provider=provider.instance_name)
-    await room_service(provider).remove_participant(room, provider.settings.avatar_identity)
+    await _room_service(provider).remove_participant(room, provider.settings.avatar_identity)
 
 
 async def find_room_session(provider: DIDProvider, idempotency_key: str) -> str | None:
     """The session a start attempt left in its room (its avatar is still there), if any."""
     room = provider.settings.livekit_room or room_for_attempt(idempotency_key)
-    identities = await room_service(provider).list_participants(room)
+    identities = await _room_service(provider).list_participants(room)
     return f"{ROOM_PREFIX}{room}" if provider.settings.avatar_identity in identities else None

@@ -20,7 +20,12 @@ from urllib.parse import urlencode
 from ..errors import ProviderConnectionError
 from ._ws import VendorSocket, to_ws_url
 
-__all__ = ["AppMessageChannel", "DailyChannel", "WebSocketChannel"]
+__all__ = [
+    "PROVIDER",
+    "AppMessageChannel",
+    "DailyChannel",
+    "WebSocketChannel",
+]
 
 PROVIDER = "tavus"
 

@@ -96,9 +96,9 @@ __all__ = ["DIDLiveKitSession", "DIDProvider", "DIDSession", "DIDSettings"]
 
 logger = logging.getLogger("avatarkit.providers.did")
 
-SAMPLE_RATE = 16_000
-_BYTES_PER_SECOND = SAMPLE_RATE * 2
-MAX_SESSION_TIMEOUT = 300
+_SAMPLE_RATE = 16_000
+_BYTES_PER_SECOND = _SAMPLE_RATE * 2
+_MAX_SESSION_TIMEOUT = 300
 
 
 class DIDSettings(ProviderSettings):
@@ -113,7 +113,7 @@ class DIDSettings(ProviderSettings):
         default=False, description="D-ID streams warm-up video first; start() waits for its "
         "stream/ready message.")
     session_timeout_s: int | None = Field(
-        default=None, ge=1, le=MAX_SESSION_TIMEOUT, description="Seconds without a message "
+        default=None, ge=1, le=_MAX_SESSION_TIMEOUT, description="Seconds without a message "
         "before D-ID ends the stream (D-ID's default when unset; needs a permission at D-ID).")
     compatibility_mode: Literal["on", "off", "auto"] | None = Field(
         default=None, description="Video codec: on = VP8, off = H264, auto = by the client.")
@@ -180,7 +180,7 @@ def _wav(pcm: bytes) -> bytes:
     with wave.open(out, "wb") as wav:
         wav.setnchannels(1)
         wav.setsampwidth(2)
-        wav.setframerate(SAMPLE_RATE)
+        wav.setframerate(_SAMPLE_RATE)
         wav.writeframes(pcm)
     return out.getvalue()
 
@@ -272,7 +272,7 @@ class DIDProvider(Provider):
                 audio_input=True, text_input=True, interrupt=livekit or settings.fluent,
                 playback_events=True, frames_in_process=not livekit,
                 join_kinds=frozenset({"livekit" if livekit else "webrtc"})),
-            audio_format=AudioFormat(settings.livekit_sample_rate if livekit else SAMPLE_RATE,
+            audio_format=AudioFormat(settings.livekit_sample_rate if livekit else _SAMPLE_RATE,
                                      1),
             # [3p] 0.5-2 s; speech also waits for a clip to fill (up to max_clip_s).
             first_frame_latency_ms=2000.0,
@@ -406,7 +406,7 @@ class DIDSession(ProviderSession):
         self._cookie = cookie
         self._max_duration = MaxDurationTimer(max_duration_s, self._signal_end)
         self._fluent = provider.settings.fluent
-        self._clip_bytes = int(provider.settings.max_clip_s * SAMPLE_RATE) * 2
+        self._clip_bytes = int(provider.settings.max_clip_s * _SAMPLE_RATE) * 2
         self._receiver = WebRTCReceiver(
             provider=provider.instance_name, ice_servers=ice_servers,
             on_message=self._on_data, on_closed=self._on_connection_lost)

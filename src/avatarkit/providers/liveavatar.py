@@ -92,19 +92,19 @@ __all__ = ["LiveAvatarProvider", "LiveAvatarSession", "LiveAvatarSettings"]
 
 logger = logging.getLogger("avatarkit.providers.liveavatar")
 
-SAMPLE_RATE = 24_000
-_BYTES_PER_MS = SAMPLE_RATE * 2 // 1000
-_BYTES_PER_SECOND = SAMPLE_RATE * 2
+_SAMPLE_RATE = 24_000
+_BYTES_PER_MS = _SAMPLE_RATE * 2 // 1000
+_BYTES_PER_SECOND = _SAMPLE_RATE * 2
 #: The vendor's limit per WebSocket message ("1 MB"; read as decimal megabytes).
-MAX_MESSAGE_BYTES = 1_000_000
+_MAX_MESSAGE_BYTES = 1_000_000
 #: The vendor's idle timeout; keep-alives must come well before it.
-IDLE_TIMEOUT_S = 300.0
+_IDLE_TIMEOUT_S = 300.0
 
-TOKEN_PATH = "/v1/sessions/token"
-START_PATH = "/v1/sessions/start"
-STOP_PATH = "/v1/sessions/stop"
-DELETE_PATH = "/v1/sessions"
-AVATARS_PATH = "/v1/avatars"
+_TOKEN_PATH = "/v1/sessions/token"
+_START_PATH = "/v1/sessions/start"
+_STOP_PATH = "/v1/sessions/stop"
+_DELETE_PATH = "/v1/sessions"
+_AVATARS_PATH = "/v1/avatars"
 
 _MISSING_ROUTE = frozenset({404, 405})
 # End reasons that are the vendor doing what it was told (our max_session_duration, its idle
@@ -133,7 +133,7 @@ class LiveAvatarSettings(ProviderSettings):
         default=1000, ge=20, le=10_000, description="Audio per later agent.speak (~1 s "
         "recommended; 10 s is ~640 KB of base64, under the 1 MB message limit).")
     keep_alive_s: float = Field(
-        default=60.0, gt=0, lt=IDLE_TIMEOUT_S, description="session.keep_alive after this long "
+        default=60.0, gt=0, lt=_IDLE_TIMEOUT_S, description="session.keep_alive after this long "
         "without sending anything (the vendor ends idle sessions after 300 s).")
     connect_timeout_s: float = Field(
         default=15.0, gt=0, le=300, description="Seconds to wait for the WebSocket's "
@@ -202,7 +202,7 @@ class LiveAvatarProvider(Provider):
             capabilities=Capabilities(audio_input=True, text_input=False, interrupt=True,
                                       playback_events=True, frames_in_process=False,
                                       join_kinds=frozenset({"livekit"})),
-            audio_format=AudioFormat(SAMPLE_RATE, 1),
+            audio_format=AudioFormat(_SAMPLE_RATE, 1),
             # [3p] ~400 ms time to first frame (a third-party figure, not the vendor's).
             first_frame_latency_ms=400.0,
         )
@@ -239,7 +239,7 @@ class LiveAvatarProvider(Provider):
         return body
 
     async def start(self, request: SessionRequest) -> LiveAvatarSession:
-        minted = _data(await self.api.request_json("POST", TOKEN_PATH,
+        minted = _data(await self.api.request_json("POST", _TOKEN_PATH,
                                                    json=self._token_body(request)),
                        "token", self.instance_name)
         session_id = _text(minted, "session_id", "token", self.instance_name)
@@ -251,7 +251,7 @@ class LiveAvatarProvider(Provider):
         socket: VendorSocket | None = None
         session: LiveAvatarSession | None = None
         try:
-            started = _data(await api.request_json("POST", START_PATH,
+            started = _data(await api.request_json("POST", _START_PATH,
                                                    json={"session_id": session_id}),
                             "start", self.instance_name)
             ws_url = _text(started, "ws_url", "start", self.instance_name)
@@ -318,14 +318,14 @@ class LiveAvatarProvider(Provider):
     async def _stop_with(self, api: VendorHttp, method: Literal["POST", "DELETE"],
                          session_id: str) -> None:
         if method == "POST":
-            await api.request("POST", STOP_PATH,
+            await api.request("POST", _STOP_PATH,
                               json={"session_id": session_id, "reason": "USER_DISCONNECTED"})
         else:
-            await api.request("DELETE", DELETE_PATH)
+            await api.request("DELETE", _DELETE_PATH)
 
     async def probe(self) -> None:
         # Listing avatars is authenticated with the API key, unbilled and creates nothing.
-        await self.api.request("GET", AVATARS_PATH)
+        await self.api.request("GET", _AVATARS_PATH)
 
 
 @dataclass(slots=True)

@@ -83,7 +83,7 @@ __all__ = ["LocalProvider", "LocalSettings"]
 
 logger = logging.getLogger("avatarkit.providers.local")
 
-SAMPLE_RATE = 16_000
+_SAMPLE_RATE = 16_000
 _DEFAULT_REGIONS = frozenset({"self-hosted"})
 
 
@@ -153,7 +153,7 @@ class LocalProvider(Provider):
         return self._build_profile(
             capabilities=Capabilities(audio_input=True, interrupt=True, playback_events=True,
                                       frames_in_process=True, join_kinds=join),
-            audio_format=AudioFormat(SAMPLE_RATE, 1),
+            audio_format=AudioFormat(_SAMPLE_RATE, 1),
             regions=_DEFAULT_REGIONS,
             self_hosted=True,
         )
@@ -176,7 +176,7 @@ class LocalProvider(Provider):
             path = self.settings.assets_dir / path
         return path
 
-    async def _start_in_process(self, request: SessionRequest) -> LocalSession:
+    async def _start_in_process(self, request: SessionRequest) -> _LocalSession:
         from ..disclosure.stamp import DisclosureStamp
         from ..disclosure.watermark import payload_for
         from ..local_engine.engines import build_engine, choose_engine
@@ -185,14 +185,14 @@ class LocalProvider(Provider):
         choice = choose_engine(self.settings.engine, weights=self.settings.weights)
         engine = await asyncio.to_thread(
             build_engine, choice.name, self._media_path(request.avatar_id),
-            fps=self.settings.fps, sample_rate=SAMPLE_RATE, cache_dir=self.settings.cache_dir,
+            fps=self.settings.fps, sample_rate=_SAMPLE_RATE, cache_dir=self.settings.cache_dir,
             weights=self.settings.weights,
             musetalk=self.settings.musetalk.model_dump(exclude_unset=True))
         # the watermark always; the label unless the kit's config turned it off (the
         # disclosure metadata then says label_policy "disabled")
         stamp = DisclosureStamp(label=request.burned_label,
                                 payload=payload_for(request.disclosure.generation_id))
-        session = LocalSession(self, request=request, engine_name=choice.name)
+        session = _LocalSession(self, request=request, engine_name=choice.name)
         stream = EngineStream(engine, post=stamp, realtime=True,
                               batch_size=self.settings.batch_size or engine.preferred_batch_size,
                               on_event=session.on_event)
@@ -204,7 +204,7 @@ class LocalProvider(Provider):
 
     # -- remote ---------------------------------------------------------------------------
 
-    async def _start_remote(self, api: VendorHttp, request: SessionRequest) -> RemoteSession:
+    async def _start_remote(self, api: VendorHttp, request: SessionRequest) -> _RemoteSession:
         from ..engine_server.protocol import CreateSession, SessionInfo
 
         if request.consent_token is None:
@@ -214,7 +214,7 @@ class LocalProvider(Provider):
                              purpose=request.purpose or "unspecified",
                              disclosure=request.disclosure,
                              idempotency_key=request.idempotency_key,
-                             max_duration_s=request.max_duration_s, sample_rate=SAMPLE_RATE)
+                             max_duration_s=request.max_duration_s, sample_rate=_SAMPLE_RATE)
         payload = body.model_dump(mode="json")
         payload["consent_token"] = request.consent_token.get_secret_value()
         data = await api.request_json("POST", "/v1/sessions", json=payload,
@@ -229,7 +229,7 @@ class LocalProvider(Provider):
                                 provider=self.instance_name, retryable=False) from None
         # The server renders from here: every failure below must end the session there.
         try:
-            session = RemoteSession(self, api=api, info=info, request=request)
+            session = _RemoteSession(self, api=api, info=info, request=request)
             await session.connect()
         except BaseException:
             await asyncio.shield(self._delete(api, info.session_id))
@@ -268,7 +268,7 @@ class LocalProvider(Provider):
         return None
 
 
-class LocalSession(ProviderSession):
+class _LocalSession(ProviderSession):
     """An engine in this process."""
 
     def __init__(self, provider: LocalProvider, *, request: SessionRequest,
@@ -328,7 +328,7 @@ class LocalSession(ProviderSession):
         await self.stream.aclose()
 
 
-class RemoteSession(ProviderSession):
+class _RemoteSession(ProviderSession):
     """A session on a remote ``avatarkit serve``."""
 
     def __init__(self, provider: LocalProvider, *, api: VendorHttp, info: SessionInfo,

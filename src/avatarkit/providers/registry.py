@@ -14,7 +14,13 @@ from importlib.metadata import entry_points
 from ..contract import Provider
 from ..errors import ConfigError
 
-__all__ = ["available_providers", "canonical_name", "get_provider_class", "register"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "available_providers",
+    "canonical_name",
+    "get_provider_class",
+    "register",
+]
 
 ENTRY_POINT_GROUP = "avatarkit.providers"
 

@@ -88,19 +88,24 @@ from ..transport.receiver import WebRTCReceiver, ice_servers_from
 from ..vendor_http import VendorHttp, error_from_response
 from ._ws import VendorSocket, to_ws_url
 
-__all__ = ["SimliProvider", "SimliSession", "SimliSettings"]
+__all__ = [
+    "SimliProvider",
+    "SimliSession",
+    "SimliSettings",
+    "Transport",
+]
 
 logger = logging.getLogger("avatarkit.providers.simli")
 
-SAMPLE_RATE = 16_000
-FRAME_BYTES = 6000
-MAX_SESSION_LENGTH = 3600
+_SAMPLE_RATE = 16_000
+_FRAME_BYTES = 6000
+_MAX_SESSION_LENGTH = 3600
 #: Seconds ``DONE`` may take to leave before the socket is closed anyway.
 _DONE_TIMEOUT = 1.0
 _MAX_LINE = 200
 
 Transport = Literal["p2p", "livekit"]
-P2PPath = Literal["/compose/webrtc/p2p", "/compose/webrtc/peer_to_peer"]
+_P2PPath = Literal["/compose/webrtc/p2p", "/compose/webrtc/peer_to_peer"]
 
 #: End reasons that are Simli doing what it was told: another provider would not help.
 _DELIBERATE_ENDS = {
@@ -124,20 +129,20 @@ class SimliSettings(ProviderSettings):
     transport: Transport = Field(
         default="p2p", description="'p2p': WebRTC video into this process (s.video()); "
         "'livekit': Simli renders into a LiveKit room that viewers join.")
-    p2p_path: P2PPath = Field(
+    p2p_path: _P2PPath = Field(
         default="/compose/webrtc/p2p", description="The P2P WebSocket path: the SDK's, or the "
         "AsyncAPI document's /compose/webrtc/peer_to_peer.")
     enable_sfu: bool = Field(
         default=True, description="P2P: ask Simli to relay media through its SFU (Cloudflare's "
         "network), as the SDK does.")
     max_session_length_s: int = Field(
-        default=MAX_SESSION_LENGTH, ge=1, description="maxSessionLength; never above the "
+        default=_MAX_SESSION_LENGTH, ge=1, description="maxSessionLength; never above the "
         "session's own max duration.")
     max_idle_time_s: int = Field(default=300, ge=1, description="maxIdleTime: Simli ends the "
                                  "session after this long without audio.")
     handle_silence: bool = Field(default=True, description="handleSilence: Simli renders idle "
                                  "frames while no audio arrives.")
-    frame_bytes: int = Field(default=FRAME_BYTES, ge=2, le=FRAME_BYTES,
+    frame_bytes: int = Field(default=_FRAME_BYTES, ge=2, le=_FRAME_BYTES,
                              description="Bytes per binary audio frame (the SDK's 6000).")
     start_timeout_s: float = Field(default=15.0, gt=0, description="Seconds from opening the "
                                    "WebSocket to Simli's START.")
@@ -254,7 +259,7 @@ class SimliProvider(Provider):
             capabilities=Capabilities(
                 audio_input=True, text_input=False, interrupt=True, playback_events=True,
                 frames_in_process=p2p, join_kinds=frozenset({"webrtc" if p2p else "livekit"})),
-            audio_format=AudioFormat(SAMPLE_RATE, 1),
+            audio_format=AudioFormat(_SAMPLE_RATE, 1),
             # regions stay unknown: Simli AS is in Oslo (GDPR, Art. 28 DPA), but where sessions
             # render is not published, and enableSFU relays media through Cloudflare.
         )

@@ -43,9 +43,9 @@ __all__ = ["TavusConversationProperties", "TavusProvider", "TavusSession", "Tavu
 
 logger = logging.getLogger("avatarkit.providers.tavus")
 
-SAMPLE_RATE = 24_000
-_BYTES_PER_MS = SAMPLE_RATE * 2 // 1000
-MAX_CALL_DURATION = 3600
+_SAMPLE_RATE = 24_000
+_BYTES_PER_MS = _SAMPLE_RATE * 2 // 1000
+_MAX_CALL_DURATION = 3600
 
 
 # Shutdown reasons that are Tavus doing what it was told (our max_call_duration, its
@@ -138,7 +138,7 @@ class TavusProvider(Provider):
             capabilities=Capabilities(audio_input=True, text_input=True, interrupt=True,
                                       playback_events=True, frames_in_process=False,
                                       join_kinds=frozenset({"daily"})),
-            audio_format=AudioFormat(SAMPLE_RATE, 1),
+            audio_format=AudioFormat(_SAMPLE_RATE, 1),
             # Tavus' docs quote ~600 ms response for the full pipeline; echo skips STT/LLM.
             first_frame_latency_ms=600.0,
         )
@@ -177,8 +177,8 @@ class TavusProvider(Provider):
         pal_key, face_key = (("pal_id", "face_id") if self.settings.vocabulary == "pal"
                              else ("persona_id", "replica_id"))
         properties = self.settings.properties.model_dump(exclude_none=True)
-        max_duration = request.max_duration_s or MAX_CALL_DURATION
-        properties["max_call_duration"] = max(1, min(MAX_CALL_DURATION, int(max_duration)))
+        max_duration = request.max_duration_s or _MAX_CALL_DURATION
+        properties["max_call_duration"] = max(1, min(_MAX_CALL_DURATION, int(max_duration)))
         return {
             pal_key: pal_id,
             face_key: request.avatar_id,
@@ -278,7 +278,7 @@ class TavusSession(ProviderSession):
             if len(self._echo_suffix) > 64:
                 self._echo_suffix.clear()
             suffix = self._echo_suffix[key] = (
-                f'","inference_id":{json.dumps(utterance_id)},"sample_rate":{SAMPLE_RATE},'
+                f'","inference_id":{json.dumps(utterance_id)},"sample_rate":{_SAMPLE_RATE},'
                 f'"done":{json.dumps(done)}}}}}'.encode())
         return b"".join((self._echo_prefix, base64.b64encode(audio), suffix))
 

@@ -61,7 +61,7 @@ if TYPE_CHECKING:  # the router pulls in providers and the catalog; config impor
 __all__ = ["HealthConstraint", "HealthMonitor", "HealthSettings", "HealthState",
            "ProviderHealth"]
 
-log = logging.getLogger("avatarkit.health")
+logger = logging.getLogger("avatarkit.health")
 
 HealthState = Literal["healthy", "cooling_down", "probing"]
 
@@ -232,7 +232,7 @@ class HealthMonitor:
             h.cooldowns = 0
             h.cause = ""
             h.failure_times.clear()
-            log.info("provider %s recovered", provider)
+            logger.info("provider %s recovered", provider)
 
     def record_failure(self, provider: str, error: BaseException) -> None:
         """A call to ``provider`` failed with ``error``.
@@ -299,7 +299,7 @@ class HealthMonitor:
         h.cooldown_until_wall = self._wall() + length
         h.cause = cause
         h.failure_times.clear()
-        log.warning("provider %s cooling down for %.1f s after %s (cooldown %d in a row; "
+        logger.warning("provider %s cooling down for %.1f s after %s (cooldown %d in a row; "
                     "last: %s)", provider, length, cause, h.cooldowns, h.last_error)
 
     @staticmethod
@@ -418,7 +418,7 @@ class HealthMonitor:
             # TimeoutError itself timed out too, as far as health is concerned
             self._failure(provider, h, ErrorCategory.TIMEOUT,
                           f"probe timed out after {timeout:g} s", cause="a probe timeout")
-            log.warning("probe of %s timed out after %g s", provider, timeout)
+            logger.warning("probe of %s timed out after %g s", provider, timeout)
             return False
         except Exception as exc:
             h.probing_now = False
@@ -428,7 +428,7 @@ class HealthMonitor:
             self._failure(provider, h, category if isinstance(category, ErrorCategory)
                           else ErrorCategory.CONNECTIVITY, _error_text(exc),
                           cause="a failed probe")
-            log.warning("probe of %s failed: %s", provider, h.last_error)
+            logger.warning("probe of %s failed: %s", provider, h.last_error)
             return False
         h.probing_now = False
         self.record_success(provider)
@@ -442,14 +442,14 @@ class HealthMonitor:
         returns at once: the next real request is then the probe.
         """
         if not self.settings.probe:
-            log.debug("health probes disabled; cooldowns end on the next request")
+            logger.debug("health probes disabled; cooldowns end on the next request")
             return
         while True:
             await asyncio.sleep(self.settings.probe_interval_s)
             try:
                 await self.probe_due(probe)
             except Exception:
-                log.warning("health probe round failed", exc_info=True)
+                logger.warning("health probe round failed", exc_info=True)
 
 
 def _error_text(error: BaseException) -> str:

@@ -34,7 +34,11 @@ if TYPE_CHECKING:
     from ..consent.tokens import VerifiedConsent
     from ..metering.budget import BudgetConstraint
 
-__all__ = ["VendorAttempt", "VendorAttempts"]
+__all__ = [
+    "VendorAttempt",
+    "VendorAttempts",
+    "describe",
+]
 
 logger = logging.getLogger("avatarkit.session")
 

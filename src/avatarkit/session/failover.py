@@ -27,13 +27,13 @@ __all__ = ["Failover", "replay"]
 
 logger = logging.getLogger("avatarkit.session")
 
-Switch = Callable[[VendorAttempt, str, ProviderError | None], Awaitable[None]]
+_Switch = Callable[[VendorAttempt, str, ProviderError | None], Awaitable[None]]
 
 
 class Failover:
     """The failover tasks of one session; ``switch`` moves the session off a dead attempt."""
 
-    def __init__(self, switch: Switch, *, name: str) -> None:
+    def __init__(self, switch: _Switch, *, name: str) -> None:
         self._switch = switch
         self._name = name
         self.task: asyncio.Task[None] | None = None  # the latest

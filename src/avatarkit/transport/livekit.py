@@ -57,17 +57,21 @@ __all__ = [
     "RPC_PLAYBACK_FINISHED",
     "RPC_PLAYBACK_STARTED",
     "AvatarWorkerChannel",
+    "ByteStreamHandler",
     "ByteStreamSink",
     "IncomingByteStream",
     "RoomConnector",
     "RoomLink",
     "RoomRpcError",
     "RoomService",
+    "RpcHandler",
+    "TextHandler",
     "connect_room",
     "http_url",
     "mint_token",
     "register_local_server",
     "unregister_local_server",
+    "ws_url",
 ]
 
 logger = logging.getLogger("avatarkit.providers.livekit")
@@ -77,7 +81,7 @@ RPC_CLEAR_BUFFER = "lk.clear_buffer"
 RPC_PLAYBACK_STARTED = "lk.playback_started"
 RPC_PLAYBACK_FINISHED = "lk.playback_finished"
 
-ParticipantKind = Literal["standard", "agent"]
+_ParticipantKind = Literal["standard", "agent"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,7 +90,7 @@ ParticipantKind = Literal["standard", "agent"]
 
 
 def mint_token(*, api_key: str, api_secret: str, identity: str, room: str | None,
-               name: str | None = None, kind: ParticipantKind = "standard",
+               name: str | None = None, kind: _ParticipantKind = "standard",
                attributes: Mapping[str, str] | None = None, ttl_s: float = 600.0,
                can_publish: bool = True, can_subscribe: bool = True,
                can_publish_data: bool = True, room_admin: bool = False,

@@ -1,8 +1,8 @@
 """WebRTC egress for the local engine: tracks, a WHEP server, a WHEP client and a viewer page.
 
-The local engine's :class:`~avatarkit.local_engine.runner.AvatarRunner` yields
-:class:`~avatarkit.local_engine.runner.RunnerFrame` values: one picture and exactly the audio
-it covers, under one timestamp. This module gets them to viewers:
+A lip-sync engine's runner yields :class:`~avatarkit.media.AudioVideoFrame` values (the local
+engine's :class:`~avatarkit.local_engine.runner.RunnerFrame`): one picture and exactly the
+audio it covers, under one timestamp. This module gets them to viewers:
 
 * :class:`AvatarBroadcast` fans one runner's output out to any number of viewers. Whoever
   drains ``runner.frames()`` calls :meth:`AvatarBroadcast.publish` (synchronous, never
@@ -85,11 +85,11 @@ from ..errors import (
     ServerError,
     SessionStateError,
 )
-from ..local_engine.runner import RunnerFrame
-from ..media import VideoFrame
+from ..media import AudioVideoFrame, VideoFrame
 from .receiver import WebRTCReceiver
 
 __all__ = [
+    "PROVIDER",
     "AvatarBroadcast",
     "BroadcastFull",
     "ViewerConfig",
@@ -103,11 +103,11 @@ __all__ = [
 logger = logging.getLogger("avatarkit.transport.webrtc")
 
 PROVIDER = "local"
-VIDEO_CLOCK = 90_000
+_VIDEO_CLOCK = 90_000
 #: Audio frames handed to aiortc last this long: one Opus packet each (see the module doc).
-AUDIO_PTIME = 0.020
-SDP = "application/sdp"
-_VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK)
+_AUDIO_PTIME = 0.020
+_SDP = "application/sdp"
+_VIDEO_TIME_BASE = fractions.Fraction(1, _VIDEO_CLOCK)
 #: what aiortc raises for an offer it cannot parse or use (answered 400, anything else 500)
 _SDP_ERRORS = (ValueError, KeyError, IndexError, TypeError, AttributeError)
 
@@ -130,7 +130,7 @@ class _ViewerQueue:
 
     def __init__(self, *, sample_rate: int, max_frames: int) -> None:
         self.sample_rate = sample_rate
-        self.chunk = round(sample_rate * AUDIO_PTIME)
+        self.chunk = round(sample_rate * _AUDIO_PTIME)
         self.max_frames = max_frames
         self.video: deque[tuple[int, int, NDArray[np.uint8]]] = deque()
         self.audio: deque[tuple[int, int, NDArray[np.int16]]] = deque()
@@ -143,7 +143,7 @@ class _ViewerQueue:
         self.dropped = 0
         self.closed = False
 
-    def put(self, frame: RunnerFrame) -> None:
+    def put(self, frame: AudioVideoFrame) -> None:
         if self.closed:
             return
         if self.base is None:
@@ -151,7 +151,7 @@ class _ViewerQueue:
         rel = max(0.0, frame.timestamp - self.base)
         self.seq += 1
         seq = self.seq
-        self.video.append((seq, round(rel * VIDEO_CLOCK), frame.video.data))
+        self.video.append((seq, round(rel * _VIDEO_CLOCK), frame.video.data))
         if not self.carry.size:
             self.carry_pts = round(rel * self.sample_rate)
         samples = frame.audio.samples.reshape(-1)
@@ -298,7 +298,7 @@ class AvatarBroadcast:
         self._published = 0
         self._closed = False
 
-    def publish(self, frame: RunnerFrame) -> None:
+    def publish(self, frame: AudioVideoFrame) -> None:
         """Queue ``frame`` for every viewer. Never blocks; a no-op once closed (a drain task
         racing :meth:`aclose` is not an error)."""
         if self._closed:
@@ -456,7 +456,7 @@ class WhepEndpoint:
             "Access-Control-Allow-Methods": "POST, OPTIONS",
             "Access-Control-Allow-Headers": "Authorization, Content-Type",
             "Access-Control-Max-Age": "600",
-            "Accept-Post": SDP,
+            "Accept-Post": _SDP,
             "Allow": "POST, OPTIONS",
         }))
 
@@ -484,10 +484,10 @@ class WhepEndpoint:
 
     async def _post(self, request: web.Request) -> web.Response:
         stream_id = request.match_info["stream_id"]
-        if request.content_type != SDP:
-            return self._text(request, 415, f"the body must be an SDP offer ({SDP}), got "
+        if request.content_type != _SDP:
+            return self._text(request, 415, f"the body must be an _SDP offer ({_SDP}), got "
                                             f"{request.content_type or 'no content type'}",
-                              {"Accept-Post": SDP})
+                              {"Accept-Post": _SDP})
         refused = self._refused(request, stream_id)
         if refused is not None:
             return refused
@@ -510,15 +510,15 @@ class WhepEndpoint:
         try:
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
-            except _SDP_ERRORS as exc:  # what aiortc's parser and checks raise on bad SDP
+            except _SDP_ERRORS as exc:  # what aiortc's parser and checks raise on bad _SDP
                 reason = f": {exc}" if str(exc) else f" ({type(exc).__name__})"
-                return self._text(request, 400, f"the SDP offer could not be used{reason}")
+                return self._text(request, 400, f"the _SDP offer could not be used{reason}")
             except Exception:
                 logger.exception("WHEP POST %s: applying the offer failed", stream_id)
                 return self._text(request, 500, "the server could not set up the connection")
             kinds = {t.kind for t in pc.getTransceivers()}
             if not kinds & {"audio", "video"}:
-                return self._text(request, 400, "the SDP offer has no audio or video section")
+                return self._text(request, 400, "the _SDP offer has no audio or video section")
             if "video" in kinds:
                 pc.addTrack(tracks.video)
             if "audio" in kinds:
@@ -538,7 +538,7 @@ class WhepEndpoint:
         self._watch(session)
         location = request.path.rstrip("/") + "/" + session.resource_id
         logger.info("WHEP viewer %s of stream %s created", session.resource_id, stream_id)
-        return web.Response(status=201, text=answer, content_type=SDP,
+        return web.Response(status=201, text=answer, content_type=_SDP,
                             headers=self._cors(request, {"Location": location}))
 
     async def _delete(self, request: web.Request) -> web.Response:
@@ -722,7 +722,7 @@ class WhepClient:
         offer = await receiver.offer()
         try:
             response = await self._client().post(self.url, content=offer.encode(),
-                                                 headers=self._headers(SDP))
+                                                 headers=self._headers(_SDP))
         except httpx.TimeoutException:
             raise ProviderTimeoutError(f"WHEP POST {self.url} timed out",
                                        provider=PROVIDER) from None
@@ -740,8 +740,8 @@ class WhepClient:
                                 "header (the resource URL is required)", provider=PROVIDER,
                                 status=201)
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if content_type != SDP or not response.text.strip():
-            raise ProviderError(f"WHEP POST {self.url} answered 201 without an SDP answer "
+        if content_type != _SDP or not response.text.strip():
+            raise ProviderError(f"WHEP POST {self.url} answered 201 without an _SDP answer "
                                 f"(content type {content_type or 'none'})", provider=PROVIDER,
                                 status=201)
         try:

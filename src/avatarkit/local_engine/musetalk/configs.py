@@ -19,14 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "FACE_SIZE",
     "LATENT_CHANNELS",
     "LATENT_SIZE",
-    "FACE_SIZE",
-    "MuseTalkConfigs",
     "SCALING_FACTOR",
     "UNET_CONFIG",
     "VAE_CONFIG",
     "WHISPER_CONFIG",
+    "MuseTalkConfigs",
+    "network_kwargs",
 ]
 
 #: the face crop the networks see (pixels, square)

@@ -41,10 +41,10 @@ __all__ = [
     "whisper_config",
 ]
 
-Device = str | torch.device
+_Device = str | torch.device
 
 
-def build_unet(config: dict[str, Any], *, device: Device = "cpu",
+def build_unet(config: dict[str, Any], *, device: _Device = "cpu",
                dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
     """A randomly initialised UNet (eval mode) from a ``musetalk.json``-style dict."""
     with torch.device(device):
@@ -54,7 +54,7 @@ def build_unet(config: dict[str, Any], *, device: Device = "cpu",
     return unet
 
 
-def build_vae(config: dict[str, Any], *, device: Device = "cpu",
+def build_vae(config: dict[str, Any], *, device: _Device = "cpu",
               dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     """A randomly initialised ``AutoencoderKL`` (eval mode); the scaling factor is always
     sd-vae-ft-mse's 0.18215 unless the config sets another."""
@@ -72,7 +72,7 @@ def whisper_config(config: dict[str, Any]) -> WhisperConfig:
     return WhisperConfig(**network_kwargs(config))
 
 
-def build_whisper_encoder(config: dict[str, Any], *, device: Device = "cpu",
+def build_whisper_encoder(config: dict[str, Any], *, device: _Device = "cpu",
                           dtype: torch.dtype = torch.float32) -> WhisperEncoder:
     """A randomly initialised Whisper *encoder* (the decoder is never needed)."""
     with torch.device(device):

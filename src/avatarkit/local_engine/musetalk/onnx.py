@@ -14,7 +14,7 @@ An export is written into a temporary directory next to its final place and rena
 place only once complete, so a crash never leaves a directory that looks finished; a
 directory whose ``export.json`` is missing or does not match the files is exported anew.
 
-Precision ``"fp16"`` stores the weights and runs the graph in float16 with float32 inputs and
+_Precision ``"fp16"`` stores the weights and runs the graph in float16 with float32 inputs and
 outputs (casts at the boundary). It is meant for the CUDA and TensorRT providers; the CPU
 provider runs float32 only and is refused with :class:`~avatarkit.errors.ConfigError`.
 
@@ -74,7 +74,7 @@ _UNET_FILE = "unet.onnx"
 _DECODER_FILE = "decoder.onnx"
 _MANIFEST_FILE = "export.json"
 
-Precision = Literal["fp32", "fp16"]
+_Precision = Literal["fp32", "fp16"]
 
 
 def _onnxruntime() -> ModuleType:
@@ -131,7 +131,7 @@ def _resolve_providers(providers: Sequence[str] | Literal["auto"],
 
 
 def export_key(*, fingerprint: str, batch_size: int, audio_dim: int, rows: int, first_row: int,
-               precision: Precision, opset: int) -> str:
+               precision: _Precision, opset: int) -> str:
     """The cache key of an export: SHA-256 (hex) over the weights' ``fingerprint``, the static
     shapes, the precision, the opset, the torch version and :data:`EXPORT_VERSION`."""
     payload = {
@@ -173,7 +173,7 @@ def _half_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo).to(torch.float16).eval()
 
 
-def _weight_bytes(module: nn.Module, precision: Precision) -> int:
+def _weight_bytes(module: nn.Module, precision: _Precision) -> int:
     total = 0
     for tensor in (*module.parameters(), *module.buffers()):
         size = 2 if precision == "fp16" and tensor.is_floating_point() else tensor.element_size()
@@ -193,7 +193,7 @@ def _quiet_legacy_exporter() -> Iterator[None]:
 
 
 def export_module(module: nn.Module, example_inputs: Mapping[str, torch.Tensor], path: Path, *,
-                  output_name: str, precision: Precision = "fp32", opset: int = 17,
+                  output_name: str, precision: _Precision = "fp32", opset: int = 17,
                   external_data_threshold_bytes: int = DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES,
                   ) -> list[Path]:
     """Export ``module`` to ``path`` with static shapes taken from ``example_inputs`` (name ->
@@ -298,14 +298,14 @@ class OnnxModels:
     """
 
     def __init__(self, *, unet_session: Any, decoder_session: Any, batch_size: int,
-                 providers: tuple[str, ...], precision: Precision, unet_path: Path,
+                 providers: tuple[str, ...], precision: _Precision, unet_path: Path,
                  decoder_path: Path, export_dir: Path, key: str, exported: bool,
                  device_id: int) -> None:
         self._unet_session: Any = unet_session
         self._decoder_session: Any = decoder_session
         self.batch_size = batch_size
         self.providers = providers
-        self.precision: Precision = precision
+        self.precision: _Precision = precision
         self.unet_path = unet_path
         self.decoder_path = decoder_path
         self.export_dir = export_dir
@@ -322,7 +322,7 @@ class OnnxModels:
     def build(cls, unet: UNetAtZero, decoder: FaceDecoder, *, batch_size: int, audio_dim: int,
               cache_dir: str | os.PathLike[str], fingerprint: str,
               providers: Sequence[str] | Literal["auto"] = "auto",
-              precision: Precision = "fp32", opset: int = 17, device_id: int = 0,
+              precision: _Precision = "fp32", opset: int = 17, device_id: int = 0,
               external_data_threshold_bytes: int = DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES,
               ) -> OnnxModels:
         """Export ``unet`` and ``decoder`` (or reuse a cached export) and open them.
@@ -499,7 +499,7 @@ def _output_shape(session: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in session.get_outputs()[0].shape)
 
 
-def _provider_specs(providers: tuple[str, ...], trt_cache: Path, precision: Precision,
+def _provider_specs(providers: tuple[str, ...], trt_cache: Path, precision: _Precision,
                     device_id: int) -> list[str | tuple[str, dict[str, Any]]]:
     """Provider names with their options: the CUDA device, and TensorRT's engine cache
     (building a TensorRT engine takes minutes) next to the export."""
@@ -518,7 +518,7 @@ def _provider_specs(providers: tuple[str, ...], trt_cache: Path, precision: Prec
 
 
 def _export_both(unet: UNetAtZero, decoder: FaceDecoder, export_dir: Path, *, batch_size: int,
-                 audio_dim: int, rows: int, precision: Precision, opset: int,
+                 audio_dim: int, rows: int, precision: _Precision, opset: int,
                  threshold: int) -> None:
     """Export both graphs into a temporary sibling of ``export_dir``, write the manifest last
     and rename the directory into place. If another process finished the same export first,

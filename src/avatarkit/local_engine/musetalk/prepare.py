@@ -89,8 +89,8 @@ __all__ = [
     "FACE_X_LANDMARKS",
     "MIN_FACE_BOX",
     "MUSETALK_PREPARATION_VERSION",
-    "MuseTalkAvatar",
     "NOSE_BRIDGE_LANDMARKS",
+    "MuseTalkAvatar",
     "MuseTalkVersion",
     "blend_kernel_size",
     "blend_mask",
@@ -131,7 +131,7 @@ BLEND_BLUR_FRACTION = 0.1
 
 logger = logging.getLogger("avatarkit.local_engine.musetalk.prepare")
 
-Box = tuple[int, int, int, int]
+_Box = tuple[int, int, int, int]
 
 _CACHE_SUBDIR = "musetalk"
 _STORED_ARRAYS = ("face_boxes", "crops", "latents", "roi_boxes", "mask_data", "mask_shapes")
@@ -151,7 +151,7 @@ def _check_version(version: str) -> None:
 
 
 def musetalk_face_box(landmarks: NDArray[np.floating[Any]], *, width: int, height: int,
-                      version: MuseTalkVersion = "v1.5", extra_margin: int = EXTRA_MARGIN) -> Box:
+                      version: MuseTalkVersion = "v1.5", extra_margin: int = EXTRA_MARGIN) -> _Box:
     """MuseTalk's face box ``(x1, y1, x2, y2)`` (exclusive ends) from one frame's ``(468, 2)``
     mediapipe pixel landmarks, clipped to a ``width`` x ``height`` frame.
 
@@ -175,7 +175,7 @@ def musetalk_face_box(landmarks: NDArray[np.floating[Any]], *, width: int, heigh
             min(max(x2, 0), width), min(max(y2, 0), height))
 
 
-def blend_square(box: Sequence[int]) -> Box:
+def blend_square(box: Sequence[int]) -> _Box:
     """MuseTalk's blend square ``(x0, y0, x1, y1)`` around a face box: centred on the box's
     integer centre, half side ``int(max(w, h) // 2 * BLEND_EXPAND)``. May leave the frame."""
     x1, y1, x2, y2 = (int(v) for v in box)
@@ -191,7 +191,7 @@ def blend_kernel_size(side: int) -> int:
 
 
 def blend_mask(landmarks: NDArray[np.floating[Any]], box: Sequence[int], *, width: int,
-               height: int) -> tuple[Box, NDArray[np.uint8]]:
+               height: int) -> tuple[_Box, NDArray[np.uint8]]:
     """The blend ROI (the blend square clipped to the frame) and its mask.
 
     Returns ``((x0, y0, x1, y1), mask)`` where ``mask`` is ``(y1 - y0, x1 - x0)`` uint8, 255 =
@@ -354,7 +354,7 @@ class MuseTalkAvatar:
         return (f"MuseTalkAvatar(source={self.avatar.source!r}, frames={len(self)}, "
                 f"version={self.version!r}, from_cache={self.from_cache})")
 
-    def face_in_roi(self, i: int) -> Box:
+    def face_in_roi(self, i: int) -> _Box:
         """Frame ``i``'s face box in its ROI's coordinates ``(x1, y1, x2, y2)``."""
         if not 0 <= i < len(self):
             raise IndexError(f"frame {i} out of range [0, {len(self)})")

@@ -83,11 +83,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MuseTalkVersion = Literal["v1.0", "v1.5"]
-Component = Literal["unet", "vae", "whisper"]
-VersionChoice = Literal["auto", "v1.0", "v1.5"]
-Device = str | torch.device
+_Component = Literal["unet", "vae", "whisper"]
+_VersionChoice = Literal["auto", "v1.0", "v1.5"]
+_Device = str | torch.device
 
-_COMPONENTS: tuple[Component, ...] = ("unet", "vae", "whisper")
+_COMPONENTS: tuple[_Component, ...] = ("unet", "vae", "whisper")
 _VERSIONS: tuple[MuseTalkVersion, ...] = get_args(MuseTalkVersion)
 
 #: (weights file, config file) of each UNet version, relative to the folder
@@ -109,15 +109,15 @@ expected MuseTalk's models/ layout:
     sd-vae/diffusion_pytorch_model.bin (or .safetensors), sd-vae/config.json
     whisper/pytorch_model.bin (or model.safetensors), whisper/config.json"""
 
-_LABELS: dict[Component, str] = {"unet": "UNet", "vae": "VAE (sd-vae-ft-mse)",
+_LABELS: dict[_Component, str] = {"unet": "UNet", "vae": "VAE (sd-vae-ft-mse)",
                                   "whisper": "Whisper-tiny encoder"}
 #: what a config file must say it is, when it says
-_CLASS_NAMES: dict[Component, tuple[str, str]] = {
+_CLASS_NAMES: dict[_Component, tuple[str, str]] = {
     "unet": ("_class_name", "UNet2DConditionModel"),
     "vae": ("_class_name", "AutoencoderKL"),
     "whisper": ("model_type", "whisper"),
 }
-_FALLBACK_CONFIGS: dict[Component, dict[str, Any]] = {
+_FALLBACK_CONFIGS: dict[_Component, dict[str, Any]] = {
     "unet": UNET_CONFIG, "vae": VAE_CONFIG, "whisper": WHISPER_CONFIG}
 
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16")
@@ -162,22 +162,22 @@ class WeightsLayout:
     whisper_file: Path
     whisper_config_file: Path | None
 
-    def file(self, component: Component) -> Path:
+    def file(self, component: _Component) -> Path:
         """The weights file of ``component`` (``"unet"``, ``"vae"`` or ``"whisper"``)."""
         return {"unet": self.unet_file, "vae": self.vae_file,
                 "whisper": self.whisper_file}[_component(component)]
 
-    def config_file(self, component: Component) -> Path | None:
+    def config_file(self, component: _Component) -> Path | None:
         """The JSON config of ``component``, or ``None`` when the built-in one is used."""
         return {"unet": self.unet_config_file, "vae": self.vae_config_file,
                 "whisper": self.whisper_config_file}[_component(component)]
 
-    def label(self, component: Component) -> str:
+    def label(self, component: _Component) -> str:
         """How messages name ``component`` (``"UNet v1.5"``, ``"VAE (sd-vae-ft-mse)"``...)."""
         name = _LABELS[_component(component)]
         return f"{name} {self.version}" if component == "unet" else name
 
-    def config(self, component: Component) -> dict[str, Any]:
+    def config(self, component: _Component) -> dict[str, Any]:
         """The config dict of one component, read from its JSON file (or the fallback).
 
         Raises :class:`WeightsError` (``file`` = the JSON) when the file is not a JSON object
@@ -200,7 +200,7 @@ class WeightsLayout:
 
 
 def find_layout(root: str | os.PathLike[str], *,
-                version: VersionChoice = "auto") -> WeightsLayout:
+                version: _VersionChoice = "auto") -> WeightsLayout:
     """Locate the weights in ``root`` (MuseTalk's ``models/`` folder).
 
     ``version="auto"`` takes v1.5 when ``musetalkV15/unet.pth`` exists, else v1.0. A missing
@@ -263,7 +263,7 @@ def _optional(path: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def _component(component: str) -> Component:
+def _component(component: str) -> _Component:
     for known in _COMPONENTS:
         if component == known:
             return known
@@ -271,7 +271,7 @@ def _component(component: str) -> Component:
                       field="component")
 
 
-def _read_config(path: Path, component: Component) -> dict[str, Any]:
+def _read_config(path: Path, component: _Component) -> dict[str, Any]:
     try:
         loaded = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -314,7 +314,7 @@ class MuseTalkNetworks:
     _fingerprints: dict[str, str] = field(default_factory=dict, init=False, repr=False,
                                           compare=False)
 
-    def fingerprint(self, component: Component) -> str:
+    def fingerprint(self, component: _Component) -> str:
         """A sha256 (hex) identifying ``component``'s weights, for cache keys.
 
         Loaded from a folder: the hash of the weights file's bytes. Random weights: the hash
@@ -334,7 +334,7 @@ class MuseTalkNetworks:
 
 
 def random_networks(configs: MuseTalkConfigs | None = None, *, seed: int = 0,
-                    device: Device = "cpu",
+                    device: _Device = "cpu",
                     dtype: torch.dtype = torch.float32) -> MuseTalkNetworks:
     """Randomly initialised networks (official configs by default). The same ``seed``,
     configs and device give identical weights; the global RNG state is left as it was."""
@@ -353,8 +353,8 @@ def random_networks(configs: MuseTalkConfigs | None = None, *, seed: int = 0,
     return MuseTalkNetworks(unet=unet, vae=vae, whisper=whisper, configs=configs)
 
 
-def load_networks(root: str | os.PathLike[str], *, version: VersionChoice = "auto",
-                  device: Device = "cpu",
+def load_networks(root: str | os.PathLike[str], *, version: _VersionChoice = "auto",
+                  device: _Device = "cpu",
                   dtype: torch.dtype = torch.float32) -> MuseTalkNetworks:
     """Build the three networks from the folder's configs and load its weights strictly.
 
@@ -378,7 +378,7 @@ def load_networks(root: str | os.PathLike[str], *, version: VersionChoice = "aut
                             configs=configs, version=layout.version, layout=layout)
 
 
-def _load_component(layout: WeightsLayout, component: Component, config: dict[str, Any],
+def _load_component(layout: WeightsLayout, component: _Component, config: dict[str, Any],
                     device: torch.device, dtype: torch.dtype) -> Any:
     built = _build(component, config, layout.config_file(component) or layout.root,
                    layout.label(component))
@@ -406,10 +406,10 @@ def _load_component(layout: WeightsLayout, component: Component, config: dict[st
     return built
 
 
-def _build(component: Component, config: dict[str, Any], where: Path, label: str) -> Any:
+def _build(component: _Component, config: dict[str, Any], where: Path, label: str) -> Any:
     """``component`` built from ``config`` on the meta device; a config the library refuses
     raises :class:`WeightsError` with ``file=where``."""
-    builders: dict[Component, Callable[..., Any]] = {
+    builders: dict[_Component, Callable[..., Any]] = {
         "unet": build_unet, "vae": build_vae, "whisper": build_whisper_encoder}
     try:
         return builders[component](config, device="meta")
@@ -654,7 +654,7 @@ class _FileKeys(NamedTuple):
     file_key: Callable[[str], str]
 
 
-def _normalize(infos: Mapping[str, _Info], component: Component) -> _FileKeys:
+def _normalize(infos: Mapping[str, _Info], component: _Component) -> _FileKeys:
     """The file's tensors under the network's key names (see :class:`_FileKeys`)."""
     names = {key: key for key in infos}
     module_prefix = "module." if names and all(k.startswith("module.") for k in names) else ""
@@ -786,7 +786,7 @@ class WeightsReport:
 
 
 def check_weights(root: str | os.PathLike[str], *,
-                  version: VersionChoice = "auto") -> WeightsReport:
+                  version: _VersionChoice = "auto") -> WeightsReport:
     """The checks of :func:`load_networks` without allocating any network.
 
     The networks are built on the meta device and the files read for their metadata only
@@ -795,8 +795,8 @@ def check_weights(root: str | os.PathLike[str], *,
     :func:`find_layout`).
     """
     layout = find_layout(root, version=version)
-    configs: dict[Component, dict[str, Any]] = {}
-    errors: dict[Component, WeightsError] = {}
+    configs: dict[_Component, dict[str, Any]] = {}
+    errors: dict[_Component, WeightsError] = {}
     for component in _COMPONENTS:
         try:
             configs[component] = layout.config(component)
@@ -895,7 +895,7 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
             for key, tensor in module.state_dict().items()}
 
 
-def _check_writable(path: Path, label: str, component: Component, config: dict[str, Any],
+def _check_writable(path: Path, label: str, component: _Component, config: dict[str, Any],
                     state: Mapping[str, torch.Tensor]) -> None:
     expected = _expected(_as_module(_build(component, config, path, label)))
     entries = {key: _Entry(key, tuple(t.shape), _dtype_name(t.dtype)) for key, t in state.items()}
