@@ -22,6 +22,10 @@ the RFC 8785 canonical JSON of the entry's content (:func:`chain_hash`); the fir
 ``prev_hash`` is :data:`GENESIS_HASH`. An unkeyed chain detects edits, deletions and
 reordering by anyone who does not recompute every later hash; to resist a full rewrite, anchor
 the newest ``entry_hash`` somewhere the store's writer cannot change.
+
+Why one module: the consent ledger, the generation log and the replay guard are one SQLite
+schema with one hash chain; the store's append-only rules, its verification and its
+schema version must be read together to be trusted.
 """
 
 from __future__ import annotations

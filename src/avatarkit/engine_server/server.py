@@ -59,6 +59,11 @@ Behaviour the protocol leaves open, and what this server chose:
   shutdown (``server_shutdown``) are recoverable. The last 1024 ended sessions are kept as
   tombstones: ``DELETE`` of one answers 200 with the same :class:`SessionEnded`.
 * **Metrics** are Prometheus text format 0.0.4, written by hand (no client library).
+
+Why one module: these are the routes of one aiohttp application and the lifecycle of its
+sessions (create, idempotency, consent, the tombstones, ending for each reason), which share
+the server's session table. The session record and audio socket, the metrics and the HTTP
+helpers are in ``audio``, ``metrics`` and ``responses``.
 """
 
 from __future__ import annotations
@@ -67,21 +72,17 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import logging
-import math
 import os
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import SecretStr, ValidationError
 
@@ -102,13 +103,13 @@ from ..local_engine.engine import LipSyncEngine
 from ..local_engine.engines import EngineChoice, build_engine, choose_engine
 from ..local_engine.runner import SegmentEnd
 from ..local_engine.stream import EngineStream, PlaybackStart, StreamEvent
-from ..media import SUPPORTED_SAMPLE_RATES, AudioChunk
+from ..media import SUPPORTED_SAMPLE_RATES
+from .audio import WS_CLOSE_S, AudioSocket, ServedSession, on_audio, on_text
+from .metrics import LATENCY_BUCKETS, ServerMetrics
 from .protocol import (
     API_PREFIX,
-    ClearBuffer,
     Cleared,
     CreateSession,
-    EndUtterance,
     ErrorMessage,
     Health,
     PlaybackFinishedMessage,
@@ -116,11 +117,10 @@ from .protocol import (
     SessionEnded,
     SessionEndedMessage,
     SessionInfo,
-    Speak,
-    client_message,
     quoted,
     validation_problem,
 )
+from .responses import bearer_token, error_response, is_loopback, json_response, secret_matches
 
 if TYPE_CHECKING:
     import httpx
@@ -139,152 +139,14 @@ logger = logging.getLogger("avatarkit.engine_server.server")
 
 #: the provider name consent grants must allow for this server (``providers = ["local"]``)
 PROVIDER = "local"
-#: first-frame latency histogram buckets, seconds
-LATENCY_BUCKETS: tuple[float, ...] = (0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 _TOMBSTONES = 1024
 _MAX_AUDIO_MESSAGE = 1 << 20
-_CLEAR_WAIT_S = 1.0
-_WS_CLOSE_S = 2.0
 _CREATE_DRAIN_S = 15.0
 _REPLACED = 4000
 _VIEWER_COOKIE = "avk_viewer"
 _RETRY_AFTER = "5"
 
 _T = TypeVar("_T")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _secret_matches(given: str | None, expected: str | None) -> bool:
-    if given is None or expected is None:
-        return False
-    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
-
-
-def _bearer(request: web.Request) -> str | None:
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    value = value.strip()
-    return value if scheme.lower() == "bearer" and value else None
-
-
-def _error(status: int, type_: str, message: str, *,
-           headers: Mapping[str, str] | None = None, **extra: Any) -> web.Response:
-    body = {"error": {"type": type_, "message": message, **extra}}
-    return web.json_response(body, status=status, headers=dict(headers or {}))
-
-
-def _json(model: SessionInfo | SessionEnded | Health, status: int = 200) -> web.Response:
-    return web.Response(text=model.model_dump_json(), status=status,
-                        content_type="application/json")
-
-
-def _label_value(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
-
-
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value)) if not float(value).is_integer() else str(int(value))
-
-
-# -- the audio WebSocket --------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Close:
-    code: int
-    reason: str
-
-
-class _AudioSocket:
-    """One audio WebSocket: messages go out in order through one pump task."""
-
-    def __init__(self, ws: web.WebSocketResponse) -> None:
-        self.ws = ws
-        self._queue: asyncio.Queue[str | _Close] = asyncio.Queue()
-        self._closing = False
-        self.task = asyncio.get_running_loop().create_task(self._pump(),
-                                                           name="avatarkit-serve-ws-out")
-
-    def send(self, message: PlaybackStartedMessage | PlaybackFinishedMessage | Cleared
-             | SessionEndedMessage | ErrorMessage) -> None:
-        if not self._closing:
-            self._queue.put_nowait(message.model_dump_json())
-
-    def close(self, code: int, reason: str) -> None:
-        """Send what is queued, then close the socket with ``code``."""
-        if not self._closing:
-            self._closing = True
-            self._queue.put_nowait(_Close(code, reason))
-
-    async def _pump(self) -> None:
-        try:
-            while True:
-                item = await self._queue.get()
-                if isinstance(item, _Close):
-                    await self.ws.close(code=item.code, message=item.reason.encode("utf-8"))
-                    return
-                await self.ws.send_str(item)
-        except (ConnectionError, RuntimeError) as exc:  # the peer went away
-            logger.debug("audio socket send failed: %s", exc)
-
-    async def finish(self) -> None:
-        """Stop the pump (after the socket closed) and wait for it."""
-        self.close(WSCloseCode.GOING_AWAY, "")
-        try:
-            async with asyncio.timeout(_WS_CLOSE_S):
-                await asyncio.shield(self.task)
-        except TimeoutError:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-
-
-# -- a session ------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _Session:
-    session_id: str
-    info: SessionInfo
-    avatar: Avatar
-    purpose: str
-    generation_id: str
-    verified: VerifiedConsent
-    notice: str
-    stream: EngineStream
-    broadcast: AvatarBroadcast
-    viewer_token: str | None
-    label: bool
-    started: float = field(default_factory=time.monotonic)
-    socket: _AudioSocket | None = None
-    #: utterances with audio at the engine and no end reported yet -> samples pushed
-    pending: dict[str, int] = field(default_factory=dict)
-    #: the utterance named by the last ``speak`` (None when none is open)
-    utterance: str | None = None
-    spoken: set[str] = field(default_factory=set)
-    ended_event: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    consent_watch: ConsentWatch | None = None
-    timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
-    ending: asyncio.Task[SessionEnded] | None = None
-
-    @property
-    def sample_rate(self) -> int:
-        return self.info.sample_rate
-
-    def cancel_timer(self, name: str) -> None:
-        handle = self.timers.pop(name, None)
-        if handle is not None:
-            handle.cancel()
 
 
 # -- the server -----------------------------------------------------------------------------
@@ -323,7 +185,7 @@ class EngineServer:
         key = api_key.get_secret_value() if isinstance(api_key, SecretStr) else api_key
         if key is not None and not key.strip():
             raise ConfigError("must not be empty", field="api_key")
-        if key is None and not _is_loopback(host):
+        if key is None and not is_loopback(host):
             raise ConfigError(f"a server listening on {host!r} (not loopback) needs an API key "
                               "(--api-key env:VAR)", field="api_key")
         if config.consent is None:
@@ -366,20 +228,15 @@ class EngineServer:
         self._runner: web.AppRunner | None = None
         self._url: str | None = None
         self._state = "new"
-        self._live: dict[str, _Session] = {}
+        self._live: dict[str, ServedSession] = {}
         self._ended: OrderedDict[str, SessionEnded] = OrderedDict()
-        self._by_key: dict[str, asyncio.Future[_Session | None]] = {}
+        self._by_key: dict[str, asyncio.Future[ServedSession | None]] = {}
         self._creating = 0
         self._creates_done = asyncio.Event()
         self._creates_done.set()
         self._tasks: set[asyncio.Task[Any]] = set()
         # metrics
-        self._started_total = 0
-        self._refused: dict[str, int] = {}
-        self._ended_frames = 0
-        self._latency_buckets = [0] * len(LATENCY_BUCKETS)
-        self._latency_sum = 0.0
-        self._latency_count = 0
+        self._metrics = ServerMetrics()
 
     def __repr__(self) -> str:
         where = self._url or f"{self.host}:{self.port}"
@@ -431,7 +288,7 @@ class EngineServer:
             app = web.Application(middlewares=[self._auth_middleware],
                                   client_max_size=1 << 20)
             app.router.add_get("/health", self._health)
-            app.router.add_get("/metrics", self._metrics)
+            app.router.add_get("/metrics", self._serve_metrics)
             app.router.add_post(f"{API_PREFIX}/sessions", self._create)
             app.router.add_get(f"{API_PREFIX}/sessions", self._list)
             app.router.add_get(f"{API_PREFIX}/sessions/{{session_id}}", self._get)
@@ -505,10 +362,10 @@ class EngineServer:
         if self._key is None or path == "/health" or path.startswith("/whep/"):
             return await handler(request)
         if path == API_PREFIX or path.startswith(API_PREFIX + "/") or path == "/metrics":
-            if not _secret_matches(_bearer(request), self._key):
-                return _error(401, "unauthorized", "a valid API key is required "
-                              "(Authorization: Bearer <key>)",
-                              headers={"WWW-Authenticate": 'Bearer realm="avatarkit"'})
+            if not secret_matches(bearer_token(request), self._key):
+                return error_response(401, "unauthorized", "a valid API key is required "
+                                      "(Authorization: Bearer <key>)",
+                                      headers={"WWW-Authenticate": 'Bearer realm="avatarkit"'})
             return await handler(request)
         if path.startswith("/viewer/"):
             return await self._viewer_guard(request, handler)
@@ -526,15 +383,16 @@ class EngineServer:
             return await handler(request)  # 404 from the route
         expected = session.viewer_token
         query = request.query.get("token")
-        allowed = (_secret_matches(_bearer(request), self._key)
-                   or _secret_matches(_bearer(request), expected)
-                   or _secret_matches(query, expected)
-                   or _secret_matches(request.cookies.get(_VIEWER_COOKIE), expected))
+        allowed = (secret_matches(bearer_token(request), self._key)
+                   or secret_matches(bearer_token(request), expected)
+                   or secret_matches(query, expected)
+                   or secret_matches(request.cookies.get(_VIEWER_COOKIE), expected))
         if not allowed:
-            return _error(401, "unauthorized", "this viewer needs its token (the viewer_url "
-                          "of the session, with ?token=)")
+            return error_response(
+                401, "unauthorized", "this viewer needs its token (the viewer_url "
+                "of the session, with ?token=)")
         response = await handler(request)
-        if _secret_matches(query, expected) and expected is not None:
+        if secret_matches(query, expected) and expected is not None:
             remaining = self._remaining_s(session)
             response.set_cookie(_VIEWER_COOKIE, expected, path=f"/viewer/{session.session_id}",
                                 httponly=True, samesite="Strict",
@@ -542,13 +400,13 @@ class EngineServer:
         return response
 
     def _authorize_viewer(self, stream_id: str, token: str | None) -> bool:
-        if _secret_matches(token, self._key):
+        if secret_matches(token, self._key):
             return True
         session = self._live.get(stream_id)
         if session is None:
             # an ended session has nothing left to protect: WHEP answers 404 for it
             return stream_id in self._ended
-        return _secret_matches(token, session.viewer_token)
+        return secret_matches(token, session.viewer_token)
 
     def _resolve_broadcast(self, stream_id: str) -> AvatarBroadcast | None:
         session = self._live.get(stream_id)
@@ -564,7 +422,7 @@ class EngineServer:
                             disclosure_notice=session.notice,
                             jwks=self.disclosure_jwks(), token=session.viewer_token)
 
-    def _remaining_s(self, session: _Session) -> float:
+    def _remaining_s(self, session: ServedSession) -> float:
         handle = session.timers.get("max_duration")
         if handle is None:
             return 60.0
@@ -573,58 +431,16 @@ class EngineServer:
     # -- health and metrics -----------------------------------------------------------------
 
     async def _health(self, request: web.Request) -> web.Response:
-        return _json(Health(engine=self.choice.name, sessions=self.sessions,
+        return json_response(Health(engine=self.choice.name, sessions=self.sessions,
                             max_sessions=self.max_sessions, version=__version__))
-
-    def _refuse(self, reason: str) -> None:
-        self._refused[reason] = self._refused.get(reason, 0) + 1
-
-    def _observe_latency(self, seconds: float) -> None:
-        self._latency_sum += seconds
-        self._latency_count += 1
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                self._latency_buckets[i] += 1
 
     def metrics_text(self) -> str:
         """The Prometheus text exposition ``GET /metrics`` serves."""
-        lines: list[str] = []
+        return self._metrics.text(
+            sessions=self.sessions, max_sessions=self.max_sessions,
+            live=((s.session_id, s.stream) for s in self._live.values()))
 
-        def family(name: str, kind: str, help_: str) -> None:
-            lines.append(f"# HELP {name} {help_}")
-            lines.append(f"# TYPE {name} {kind}")
-
-        family("avatarkit_sessions_active", "gauge", "Sessions rendering now.")
-        lines.append(f"avatarkit_sessions_active {self.sessions}")
-        family("avatarkit_sessions_max", "gauge", "Sessions this server renders at once.")
-        lines.append(f"avatarkit_sessions_max {self.max_sessions}")
-        family("avatarkit_sessions_started_total", "counter", "Sessions started.")
-        lines.append(f"avatarkit_sessions_started_total {self._started_total}")
-        family("avatarkit_sessions_refused_total", "counter",
-               "Session creates refused, by reason.")
-        for reason, count in sorted(self._refused.items()):
-            lines.append(f'avatarkit_sessions_refused_total{{reason="{_label_value(reason)}"}} '
-                         f"{count}")
-        frames = self._ended_frames + sum(s.stream.frames_released for s in self._live.values())
-        family("avatarkit_frames_total", "counter", "Video frames released by the engines.")
-        lines.append(f"avatarkit_frames_total {frames}")
-        family("avatarkit_stream_fps", "gauge",
-               "Frames per second each live session's engine stream releases.")
-        for session in self._live.values():
-            fps = session.stream.fps
-            if fps is not None:
-                lines.append(f'avatarkit_stream_fps{{session="'
-                             f'{_label_value(session.session_id)}"}} {fps:.3f}')
-        name = "avatarkit_first_frame_latency_seconds"
-        family(name, "histogram", "Seconds from an utterance's first audio to its first frame.")
-        for bound, count in zip(LATENCY_BUCKETS, self._latency_buckets, strict=True):
-            lines.append(f'{name}_bucket{{le="{_number(bound)}"}} {count}')
-        lines.append(f'{name}_bucket{{le="+Inf"}} {self._latency_count}')
-        lines.append(f"{name}_sum {self._latency_sum!r}")
-        lines.append(f"{name}_count {self._latency_count}")
-        return "\n".join(lines) + "\n"
-
-    async def _metrics(self, request: web.Request) -> web.Response:
+    async def _serve_metrics(self, request: web.Request) -> web.Response:
         return web.Response(text=self.metrics_text(),
                             headers={"Content-Type": "text/plain; version=0.0.4; "
                                                      "charset=utf-8"})
@@ -632,14 +448,14 @@ class EngineServer:
     # -- create -----------------------------------------------------------------------------
 
     def _invalid(self, field_: str, expected: str, message: str) -> web.Response:
-        self._refuse("invalid_request")
-        return _error(400, "invalid_request", message, field=field_, expected=expected)
+        self._metrics.refuse("invalid_request")
+        return error_response(400, "invalid_request", message, field=field_, expected=expected)
 
     async def _create(self, request: web.Request) -> web.Response:
         if self._state != "running":
-            self._refuse("shutting_down")
-            return _error(503, "shutting_down", "the server is shutting down",
-                          headers={"Retry-After": _RETRY_AFTER})
+            self._metrics.refuse("shutting_down")
+            return error_response(503, "shutting_down", "the server is shutting down",
+                                  headers={"Retry-After": _RETRY_AFTER})
         # pydantic's own JSON parser: bounded nesting (a deeply nested body is a 400, where
         # json.loads would raise RecursionError), strict UTF-8, and one pass to the model
         try:
@@ -661,28 +477,29 @@ class EngineServer:
         try:
             avatar = self.catalog.get(body.avatar)
         except ConfigError:
-            self._refuse("unknown_avatar")
-            return _error(404, "not_found", f"unknown avatar {quoted(body.avatar)}",
-                          field="avatar")
+            self._metrics.refuse("unknown_avatar")
+            return error_response(404, "not_found", f"unknown avatar {quoted(body.avatar)}",
+                                  field="avatar")
         if avatar.local is None:
-            self._refuse("unknown_avatar")
-            return _error(404, "not_found", f"avatar {quoted(body.avatar)} has no media at this "
-                          "server ([avatars.NAME] local = \"path\")", field="avatar")
+            self._metrics.refuse("unknown_avatar")
+            return error_response(
+                404, "not_found", f"avatar {quoted(body.avatar)} has no media at this "
+                "server ([avatars.NAME] local = \"path\")", field="avatar")
         if len(self._live) + self._creating >= self.max_sessions:
-            self._refuse("capacity")
-            return _error(503, "at_capacity", f"the server renders {self.max_sessions} "
-                          "sessions at once; try again later",
-                          headers={"Retry-After": _RETRY_AFTER})
-        future: asyncio.Future[_Session | None] | None = None
+            self._metrics.refuse("capacity")
+            return error_response(503, "at_capacity", f"the server renders {self.max_sessions} "
+                                  "sessions at once; try again later",
+                                  headers={"Retry-After": _RETRY_AFTER})
+        future: asyncio.Future[ServedSession | None] | None = None
         if body.idempotency_key is not None:
             future = asyncio.get_running_loop().create_future()
             self._by_key[body.idempotency_key] = future
         self._creating += 1
         self._creates_done.clear()
-        started: _Session | None = None
+        started: ServedSession | None = None
         try:
             outcome = await self._start_session(body, avatar)
-            started = outcome if isinstance(outcome, _Session) else None
+            started = outcome if isinstance(outcome, ServedSession) else None
         finally:
             self._creating -= 1
             if self._creating == 0:
@@ -692,8 +509,8 @@ class EngineServer:
                 if self._by_key.get(body.idempotency_key) is future:
                     del self._by_key[body.idempotency_key]
                 future.set_result(started)
-        if isinstance(outcome, _Session):
-            return _json(outcome.info, status=201)
+        if isinstance(outcome, ServedSession):
+            return json_response(outcome.info, status=201)
         return outcome
 
     async def _by_idempotency(self, body: CreateSession) -> web.Response | None:
@@ -706,26 +523,28 @@ class EngineServer:
         if session is None:
             return None
         if session.avatar.name != body.avatar or session.purpose != body.purpose:
-            self._refuse("idempotency_conflict")
-            return _error(409, "idempotency_conflict", "this idempotency_key names a session "
-                          "of another avatar or purpose", field="idempotency_key")
+            self._metrics.refuse("idempotency_conflict")
+            return error_response(
+                409, "idempotency_conflict", "this idempotency_key names a session "
+                "of another avatar or purpose", field="idempotency_key")
         presented = hashlib.sha256(body.consent_token.get_secret_value().encode()).hexdigest()
         if not hmac.compare_digest(presented, session.verified.token_sha256):
             # a retry carries the same token; another token must be verified on its own, and
             # must not ride on (or learn of) a session started under someone else's consent
-            self._refuse("idempotency_conflict")
-            return _error(409, "idempotency_conflict", "this idempotency_key names a session "
-                          "started under another consent token", field="consent_token")
-        return _json(session.info, status=200)
+            self._metrics.refuse("idempotency_conflict")
+            return error_response(
+                409, "idempotency_conflict", "this idempotency_key names a session "
+                "started under another consent token", field="consent_token")
+        return json_response(session.info, status=200)
 
     async def _start_session(self, body: CreateSession,
-                             avatar: Avatar) -> _Session | web.Response:
+                             avatar: Avatar) -> ServedSession | web.Response:
         gate = self._gate
         assert gate is not None
         generation_id = body.disclosure.generation_id
         token = body.consent_token.get_secret_value()
         if not token.strip():
-            self._refuse("consent")
+            self._metrics.refuse("consent")
             return self._consent_refusal(ConsentRequired(
                 "a session needs the consent token of the person the avatar shows",
                 check=ConsentCheck.MISSING))
@@ -733,7 +552,7 @@ class EngineServer:
             verified = await gate.admit(token, avatar=avatar, purpose=body.purpose,
                                         generation_id=generation_id)
         except ConsentViolation as exc:
-            self._refuse("consent")
+            self._metrics.refuse("consent")
             return self._consent_refusal(exc)
         try:
             verified.check_route(PROVIDER, self.region)
@@ -746,7 +565,7 @@ class EngineServer:
                 status_check=str(exc.check), purpose=body.purpose, channel="live",
                 provider=PROVIDER, avatar=avatar.name,
                 details={"error": type(exc).__name__}))
-            self._refuse("consent")
+            self._metrics.refuse("consent")
             return self._consent_refusal(exc)
         path = self._media_path(avatar)
         try:
@@ -754,20 +573,20 @@ class EngineServer:
                 build_engine, self.choice.name, path, sample_rate=body.sample_rate,
                 cache_dir=self._cache_dir, weights=self._weights, musetalk=self._musetalk)
         except AvatarPreparationError as exc:
-            self._refuse("avatar_unusable")
-            return _error(422, type(exc).__name__, str(exc), field="avatar")
+            self._metrics.refuse("avatar_unusable")
+            return error_response(422, type(exc).__name__, str(exc), field="avatar")
         except (ConfigError, MediaFormatError) as exc:
-            self._refuse("engine")
-            return _error(500, type(exc).__name__, str(exc))
+            self._metrics.refuse("engine")
+            return error_response(500, type(exc).__name__, str(exc))
         if self._state != "running":
-            self._refuse("shutting_down")
-            return _error(503, "shutting_down", "the server is shutting down",
-                          headers={"Retry-After": _RETRY_AFTER})
+            self._metrics.refuse("shutting_down")
+            return error_response(503, "shutting_down", "the server is shutting down",
+                                  headers={"Retry-After": _RETRY_AFTER})
         return await self._open(body, avatar, verified, engine)
 
     def _consent_refusal(self, exc: ConsentViolation) -> web.Response:
-        return _error(403, type(exc).__name__, str(exc), check=str(exc.check),
-                      consent_id=exc.consent_id)
+        return error_response(403, type(exc).__name__, str(exc), check=str(exc.check),
+                              consent_id=exc.consent_id)
 
     def _media_path(self, avatar: Avatar) -> Path:
         assert avatar.local is not None
@@ -777,7 +596,7 @@ class EngineServer:
         return path
 
     async def _open(self, body: CreateSession, avatar: Avatar, verified: VerifiedConsent,
-                    engine: LipSyncEngine) -> _Session | web.Response:
+                    engine: LipSyncEngine) -> ServedSession | web.Response:
         from ..disclosure.notice import sign_disclosure_notice
         from ..disclosure.stamp import DisclosureStamp
         from ..disclosure.watermark import payload_for
@@ -797,7 +616,7 @@ class EngineServer:
         viewer_url = f"/viewer/{session_id}"
         if viewer_token is not None:
             viewer_url += f"?token={viewer_token}"
-        holder: list[_Session] = []
+        holder: list[ServedSession] = []
 
         def on_event(event: StreamEvent) -> None:
             if holder:
@@ -819,7 +638,7 @@ class EngineServer:
                 viewer_token=viewer_token, idempotency_key=body.idempotency_key,
                 region=self.region, created_at=datetime.now(UTC),
                 consent_id=verified.consent_id)
-            session = _Session(session_id=session_id, info=info, avatar=avatar,
+            session = ServedSession(session_id=session_id, info=info, avatar=avatar,
                                purpose=body.purpose, generation_id=metadata.generation_id,
                                verified=verified, notice=notice, stream=stream,
                                broadcast=broadcast, viewer_token=viewer_token, label=labelled)
@@ -829,7 +648,7 @@ class EngineServer:
             await asyncio.shield(self._close_media(stream, broadcast))
             raise
         self._live[session_id] = session
-        self._started_total += 1
+        self._metrics.started_total += 1
         loop = asyncio.get_running_loop()
         max_duration = body.max_duration_s or self.config.session.max_duration_s
         session.timers["max_duration"] = loop.call_later(
@@ -853,7 +672,7 @@ class EngineServer:
         await broadcast.aclose()
         await stream.aclose()
 
-    async def _log(self, session: _Session, kind: str, **fields: Any) -> None:
+    async def _log(self, session: ServedSession, kind: str, **fields: Any) -> None:
         from ..consent.store import GenerationRecord
 
         assert self._gate is not None
@@ -882,29 +701,30 @@ class EngineServer:
         session_id = request.match_info["session_id"]
         session = self._live.get(session_id)
         if session is not None and session.ending is None:
-            return _json(session.info)
+            return json_response(session.info)
         ended = self._ended.get(session_id)
         if ended is None and session is not None and session.ending is not None:
             ended = await asyncio.shield(session.ending)
         if ended is not None:
-            return _error(410, "session_ended", f"session {session_id} ended ({ended.reason})",
-                          reason=ended.reason, duration_s=ended.duration_s)
-        return _error(404, "not_found", f"no session {quoted(session_id)}")
+            return error_response(
+                410, "session_ended", f"session {session_id} ended ({ended.reason})",
+                reason=ended.reason, duration_s=ended.duration_s)
+        return error_response(404, "not_found", f"no session {quoted(session_id)}")
 
     async def _delete(self, request: web.Request) -> web.Response:
         session_id = request.match_info["session_id"]
         session = self._live.get(session_id)
         if session is not None:
             ended = await asyncio.shield(self._end_soon(session, "deleted", recoverable=False))
-            return _json(ended)
+            return json_response(ended)
         tombstone = self._ended.get(session_id)
         if tombstone is not None:
-            return _json(tombstone)
-        return _error(404, "not_found", f"no session {quoted(session_id)}")
+            return json_response(tombstone)
+        return error_response(404, "not_found", f"no session {quoted(session_id)}")
 
     # -- ending -----------------------------------------------------------------------------
 
-    def _end_soon(self, session: _Session, reason: str,
+    def _end_soon(self, session: ServedSession, reason: str,
                   recoverable: bool) -> asyncio.Task[SessionEnded]:
         """End ``session`` from a task of its own (idempotent: the first reason wins)."""
         if session.ending is None:
@@ -912,7 +732,7 @@ class EngineServer:
                                          name=f"avatarkit-serve-end-{session.session_id}")
         return session.ending
 
-    async def _finish(self, session: _Session, reason: str,
+    async def _finish(self, session: ServedSession, reason: str,
                       recoverable: bool) -> SessionEnded:
         duration = time.monotonic() - session.started
         ended = SessionEnded(session_id=session.session_id, reason=reason,
@@ -936,10 +756,10 @@ class EngineServer:
         await self._close_media(session.stream, session.broadcast)
         if socket is not None:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_WS_CLOSE_S):
+                async with asyncio.timeout(WS_CLOSE_S):
                     await asyncio.shield(socket.task)
         self._live.pop(session.session_id, None)
-        self._ended_frames += frames
+        self._metrics.ended_frames += frames
         self._ended[session.session_id] = ended
         while len(self._ended) > _TOMBSTONES:
             self._ended.popitem(last=False)
@@ -949,13 +769,13 @@ class EngineServer:
         logger.info("session %s ended: %s after %.1f s", session.session_id, reason, duration)
         return ended
 
-    def _arm_idle(self, session: _Session) -> None:
+    def _arm_idle(self, session: ServedSession) -> None:
         session.cancel_timer("idle")
         if session.ending is None:
             session.timers["idle"] = asyncio.get_running_loop().call_later(
                 self.idle_timeout_s, self._end_soon, session, "idle_timeout", False)
 
-    def _watch_consent(self, session: _Session) -> ConsentWatch:
+    def _watch_consent(self, session: ServedSession) -> ConsentWatch:
         """Re-check the consent every ``recheck_interval_s`` and at its expiry (the one
         :class:`~avatarkit.consent.ConsentWatch`); a consent that no longer holds ends the
         session, with a ``ConsentEndReason`` as the reason (fail closed)."""
@@ -974,7 +794,7 @@ class EngineServer:
         return ConsentWatch(self._gate, session.verified, on_lapse=lapsed, on_check=log_check,
                             name=f"avatarkit-serve-consent-{session.session_id}").start()
 
-    async def _watch_engine(self, session: _Session) -> None:
+    async def _watch_engine(self, session: ServedSession) -> None:
         try:
             await session.stream.wait_finished()
         except Exception as exc:
@@ -987,9 +807,9 @@ class EngineServer:
 
     # -- engine events ----------------------------------------------------------------------
 
-    def _on_stream_event(self, session: _Session, event: StreamEvent) -> None:
+    def _on_stream_event(self, session: ServedSession, event: StreamEvent) -> None:
         if isinstance(event, PlaybackStart):
-            self._observe_latency(event.latency)
+            self._metrics.observe_latency(event.latency)
             self._send(session, PlaybackStartedMessage(utterance_id=event.utterance_id,
                                                        latency_s=event.latency))
         elif isinstance(event, SegmentEnd):
@@ -1000,7 +820,7 @@ class EngineServer:
                 interrupted=event.interrupted))
             session.ended_event.set()
 
-    def _send(self, session: _Session,
+    def _send(self, session: ServedSession,
               message: PlaybackStartedMessage | PlaybackFinishedMessage | Cleared
               | ErrorMessage) -> None:
         if session.socket is not None:
@@ -1013,8 +833,8 @@ class EngineServer:
         session = self._live.get(session_id)
         tombstone = self._ended.get(session_id)
         if session is None and tombstone is None:
-            return _error(404, "not_found", f"no session {quoted(session_id)}")
-        ws = web.WebSocketResponse(max_msg_size=_MAX_AUDIO_MESSAGE, timeout=_WS_CLOSE_S,
+            return error_response(404, "not_found", f"no session {quoted(session_id)}")
+        ws = web.WebSocketResponse(max_msg_size=_MAX_AUDIO_MESSAGE, timeout=WS_CLOSE_S,
                                    heartbeat=30.0)
         await ws.prepare(request)
         if session is None or session.ending is not None:
@@ -1025,7 +845,7 @@ class EngineServer:
                                                   recoverable=False).model_dump_json())
             await ws.close(code=WSCloseCode.OK, message=b"session ended")
             return ws
-        socket = _AudioSocket(ws)
+        socket = AudioSocket(ws)
         previous = session.socket
         session.socket = socket
         session.cancel_timer("idle")
@@ -1037,9 +857,9 @@ class EngineServer:
                 if session.ending is not None:
                     break
                 if message.type == WSMsgType.TEXT:
-                    await self._on_text(session, socket, message.data)
+                    await on_text(session, socket, message.data)
                 elif message.type == WSMsgType.BINARY:
-                    await self._on_audio(session, socket, message.data)
+                    await on_audio(session, socket, message.data)
                 elif message.type == WSMsgType.ERROR:
                     break
         finally:
@@ -1049,73 +869,3 @@ class EngineServer:
                     self._arm_idle(session)
             await socket.finish()
         return ws
-
-    async def _on_text(self, session: _Session, socket: _AudioSocket, text: str) -> None:
-        try:
-            message = client_message(text)
-        except ValidationError as exc:
-            where, what = validation_problem(exc)
-            socket.send(ErrorMessage(message=f"unknown or malformed message "
-                                             f"({where or 'message'}: {what}); expected speak, "
-                                             "end_utterance or clear_buffer"))
-            return
-        try:
-            if isinstance(message, Speak):
-                if session.utterance is not None and session.utterance != message.utterance_id:
-                    self._end_utterance(session, socket)
-                session.utterance = message.utterance_id
-            elif isinstance(message, EndUtterance):
-                self._end_utterance(session, socket)
-            elif isinstance(message, ClearBuffer):
-                await self._clear(session, socket)
-        except SessionStateError as exc:
-            if session.ending is None:
-                socket.send(ErrorMessage(message=str(exc)))
-
-    def _end_utterance(self, session: _Session, socket: _AudioSocket) -> None:
-        utterance, session.utterance = session.utterance, None
-        ended = session.stream.end_utterance()
-        if ended is None and utterance is not None and utterance not in session.spoken:
-            # a speak with no audio: that utterance is over at once
-            socket.send(PlaybackFinishedMessage(utterance_id=utterance, position_s=0.0,
-                                                interrupted=False))
-
-    async def _clear(self, session: _Session, socket: _AudioSocket) -> None:
-        before = set(session.pending)
-        session.utterance = None
-        position = session.stream.clear_buffer()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _CLEAR_WAIT_S
-        while before & session.pending.keys() and loop.time() < deadline:
-            session.ended_event.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(deadline - loop.time()):
-                    await session.ended_event.wait()
-        for utterance in sorted(before & session.pending.keys()):
-            # no end came within the wait (the engine stream stopped): report it here, so
-            # the client's interrupt is always acknowledged
-            played = session.pending.pop(utterance) / session.sample_rate
-            position = position or played
-            socket.send(PlaybackFinishedMessage(utterance_id=utterance, position_s=played,
-                                                interrupted=True))
-        socket.send(Cleared(position_s=position))
-
-    async def _on_audio(self, session: _Session, socket: _AudioSocket, data: bytes) -> None:
-        if len(data) % 2:
-            socket.send(ErrorMessage(message=f"a binary frame of {len(data)} bytes is not "
-                                             "PCM16: expected an even number of bytes "
-                                             "(16-bit little-endian mono samples)"))
-            return
-        if not data:
-            return
-        try:
-            samples = np.frombuffer(data, dtype="<i2").astype(np.int16)
-            chunk = AudioChunk(samples, session.sample_rate)
-            utterance = await session.stream.push_audio(chunk, utterance_id=session.utterance)
-        except (MediaFormatError, SessionStateError) as exc:
-            if session.ending is None:
-                socket.send(ErrorMessage(message=str(exc)))
-            return
-        session.utterance = utterance
-        session.spoken.add(utterance)
-        session.pending[utterance] = session.pending.get(utterance, 0) + len(samples)

@@ -86,6 +86,10 @@ Choices and limits:
 
 Nothing heavy is imported with this module: OpenCV (and SciPy, if present) load when the first
 frame is rendered.
+
+Why one module: the lite engine is one model (mouth shape from the audio envelope, a
+warp rig built from the landmarks, and the per-frame composite), tuned together; its parts
+have no users outside the engine and splitting them would split one numerical pipeline.
 """
 
 from __future__ import annotations

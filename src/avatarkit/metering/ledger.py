@@ -26,6 +26,10 @@ interface (so a PostgreSQL ledger can be added without touching callers) and
 :class:`SQLiteSessionLedger` the embedded default. _Money is :class:`~decimal.Decimal` and
 stored as TEXT (exact); an unknown price is ``None``, never ``0``, so that "free" and "we do
 not know" cannot be confused in a budget check.
+
+Why one module: the session ledger is one SQLite schema; the row states, their allowed
+transitions, the heartbeat, the reaper's queries and the usage reports all read and write
+the same table under the same rules (a row is closed only on the vendor's confirmed end).
 """
 
 from __future__ import annotations

@@ -34,6 +34,11 @@ allows but may refuse: that is a ``CapabilityError`` (the stream then ends after
 Latency: D-ID's own start-of-speech latency is quoted at 0.5-2 s by a third party; on top of
 it, a clip is uploaded only once ``max_clip_s`` seconds of it are buffered (or the utterance
 ends), so speech starts up to ``max_clip_s`` later than the audio began.
+
+Why one module: the D-ID adapter is one vendor contract, the streams API, whose calls are
+ordered by the vendor (create, SDP answer, ICE, clips, delete) and share one session
+record; its LiveKit mode already lives in ``_did_livekit.py``. Splitting the streams
+lifecycle across modules would scatter one wire protocol.
 """
 
 from __future__ import annotations

@@ -24,6 +24,12 @@ It also owns what makes a session survive and stay affordable:
 * **metering and budgets**: every vendor attempt is a row in the session ledger, written
   before the create call and closed on the vendor's confirmed end; ``UsageUpdated`` reports
   the billed time and cost; a budget cap ends the session before it is crossed.
+
+Why one module: this is the session's state machine and the public methods that move it;
+they share the session's live state (current attempt, utterances, the switch lock, the
+close task) and each transition is checked against every other. What does not touch that
+state lives beside it: vendor attempts, failover bookkeeping and replay, metering and
+budgets, settling, utterances.
 """
 
 from __future__ import annotations

@@ -46,6 +46,11 @@ Choices this module makes where WHEP leaves room:
 
 Needs the ``webrtc`` and ``emulators`` extras (aiortc, PyAV, aiohttp); ``import avatarkit``
 does not import this module.
+
+Why one module: the broadcast, its tracks, the WHEP endpoint and the WHEP client share
+one timing model (the A/V sync and 20 ms audio framing described above) and one set of
+aiortc objects; keeping them together keeps that model in one place. The receive-only peer
+is :mod:`avatarkit.transport.receiver`.
 """
 
 from __future__ import annotations

@@ -33,6 +33,10 @@ of ``WhisperModel`` (``encoder.*``) or of the bare encoder.
 :func:`check_weights` runs the same checks without allocating the networks (``avatarkit
 weights check DIR``); :func:`write_weights_folder` writes the layout from networks in memory
 (tests, and operators converting their own fine-tunes).
+
+Why one module: loading and checking MuseTalk weights is one mapping, from the files
+MuseTalk ships (several layouts and versions, several key spellings) to our networks; the
+loader and the ``avatarkit weights check`` report share every rule of that mapping.
 """
 
 from __future__ import annotations
