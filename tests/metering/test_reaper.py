@@ -15,7 +15,7 @@ from avatarkit.consent.authority import ConsentAuthority
 from avatarkit.emulators import TavusEmulator
 from avatarkit.metering.ledger import ProcessIdentity, SQLiteSessionLedger
 
-from .conftest import API_KEY, AUDIENCE, CONSENT, ECHO_PAL, FACE, ISSUER, KitFactory, tavus_toml
+from ..conftest import API_KEY, AUDIENCE, CONSENT, ECHO_PAL, FACE, ISSUER, KitFactory, tavus_toml
 
 SESSION_SCRIPT = """
 import asyncio, sys

@@ -28,7 +28,7 @@ from avatarkit import (
 from avatarkit.consent.authority import ConsentAuthority
 from avatarkit.emulators import TavusEmulator
 
-from .conftest import (
+from ..conftest import (
     API_KEY,
     AUDIENCE,
     CONSENT,

@@ -13,7 +13,7 @@ from avatarkit.cli import main
 from avatarkit.providers.matrix import BUILTIN_ADAPTERS, support_matrix
 from avatarkit.providers.registry import get_provider_class
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "providers.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "providers.md"
 BEGIN, END = "<!-- BEGIN generated: avatarkit providers -->", "<!-- END generated -->"
 
 

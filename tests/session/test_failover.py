@@ -17,7 +17,7 @@ from avatarkit import (
 from avatarkit.consent.authority import ConsentAuthority
 from avatarkit.emulators import TavusEmulator
 
-from .conftest import (
+from ..conftest import (
     AUDIENCE,
     CONSENT,
     CONSENT_GRANT,

@@ -41,7 +41,7 @@ from avatarkit.consent.status import StatusListSource
 from avatarkit.disclosure.notice import verify_disclosure_notice
 from avatarkit.emulators import TavusEmulator
 
-from .conftest import (
+from ..conftest import (
     API_KEY,
     AUDIENCE,
     CONSENT,

@@ -20,7 +20,7 @@ from avatarkit import (
 from avatarkit.consent.authority import ConsentAuthority
 from avatarkit.emulators import TavusEmulator
 
-from .conftest import AUDIENCE, CONSENT, KitFactory, creates, eventually, grant_fields
+from ..conftest import AUDIENCE, CONSENT, KitFactory, creates, eventually, grant_fields
 
 NO_RETRY = {"max_retries": 0, "initial_backoff": 0.01, "max_backoff": 0.01}
 

@@ -12,7 +12,7 @@ import pytest
 from avatarkit import BudgetExceeded, BudgetWarning, Closed, ConfigError
 from avatarkit.emulators import TavusEmulator
 
-from .conftest import CONSENT, KitFactory, creates
+from ..conftest import CONSENT, KitFactory, creates
 
 # 60 per minute: one currency unit per second, so costs read as seconds.
 ONE_PER_SECOND = {"price_per_minute": "60"}

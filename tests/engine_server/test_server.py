@@ -50,7 +50,7 @@ from avatarkit.errors import ConfigError
 from avatarkit.local_engine.engines import build_engine
 
 from ..conftest import AUDIENCE, ISSUER, consent_config, grant_fields, speech
-from . import astronaut, portrait_file
+from ..local_engine import astronaut, portrait_file
 
 RATE = 16_000
 FRAMES = 50  # received over WHEP: 2 s at 25 fps

@@ -17,7 +17,7 @@ from avatarkit import ConfigError, UsageUpdated
 from avatarkit.emulators import TavusEmulator
 from avatarkit.metering.ledger import SessionRow, SQLiteSessionLedger
 
-from .conftest import CONSENT, KitFactory, creates, tavus_toml
+from ..conftest import CONSENT, KitFactory, creates, tavus_toml
 
 
 async def test_usage_updates_and_cost_follow_the_vendor_meter(

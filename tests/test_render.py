@@ -20,7 +20,7 @@ from avatarkit.disclosure.verify import verify_media
 from avatarkit.errors import ConfigError, ConsentOutOfScope, MediaFormatError, NoFaceError
 from avatarkit.render import read_speech, render_video
 
-from . import astronaut, portrait_file, shifted, write_video, write_wav
+from .local_engine import astronaut, portrait_file, shifted, write_video, write_wav
 
 RATE = 16_000
 
