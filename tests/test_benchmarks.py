@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("send_audio.py", ["--chunks", "60"], "send_audio (back-to-back)"),
     ("consent_tokens.py", ["--iterations", "20"], "token length"),
     ("watermark.py", ["--repeat", "5"], "PSNR"),
+    ("face_analysis.py", ["--repeat", "2"], "512x512 portrait | 1 |"),
     ("route.py", ["--decisions", "300", "--sessions", "5"], "concurrent sessions: 5/5 live"),
     ("whep_first_frame.py", ["--trials", "2"], "first frame after speech"),
     ("offline_render.py", ["--seconds", "1", "--runs", "1"], "offline render of 1 s"),
