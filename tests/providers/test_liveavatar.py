@@ -35,7 +35,7 @@ from avatarkit import (
 from avatarkit.consent.authority import ConsentAuthority
 from avatarkit.disclosure.metadata import DisclosureMetadata
 from avatarkit.emulators import LiveAvatarEmulator
-from avatarkit.emulators.liveavatar import MAX_MESSAGE_BYTES, LiveAvatarSession
+from avatarkit.emulators.liveavatar import MAX_MESSAGE_BYTES, LiveAvatarSessionRecord
 from avatarkit.join import JoinInfo
 from avatarkit.media import AudioChunk
 from avatarkit.providers import SessionRequest, get_provider_class
@@ -99,7 +99,8 @@ def kit_for(consent_authority: ConsentAuthority) -> KitMaker:
     return factory
 
 
-def record_of(emulator: LiveAvatarEmulator, vendor_session_id: str | None) -> LiveAvatarSession:
+def record_of(emulator: LiveAvatarEmulator,
+              vendor_session_id: str | None) -> LiveAvatarSessionRecord:
     assert vendor_session_id is not None
     return emulator.sessions[vendor_session_id]
 

@@ -24,7 +24,12 @@ from typing import Protocol
 
 from ._base import EmulatorFaults, EmulatorServer, RequestRecord
 from .did import DIDAudio, DIDClip, DIDEmulator, DIDStream
-from .liveavatar import LiveAvatarEmulator, LiveAvatarSession, LiveAvatarUtterance, SpeakChunk
+from .liveavatar import (
+    LiveAvatarEmulator,
+    LiveAvatarSessionRecord,
+    LiveAvatarUtterance,
+    SpeakChunk,
+)
 from .simli import SimliEmulator, SimliSessionRecord
 from .tavus import TavusConversation, TavusEmulator, TavusPal
 
@@ -38,7 +43,7 @@ __all__ = [
     "EmulatorFaults",
     "EmulatorServer",
     "LiveAvatarEmulator",
-    "LiveAvatarSession",
+    "LiveAvatarSessionRecord",
     "LiveAvatarUtterance",
     "RequestRecord",
     "SimliEmulator",
@@ -84,12 +89,13 @@ def _did_for_cli(*, api_key: str, host: str, port: int, max_concurrent: int) -> 
                        max_concurrent=max_concurrent)
 
 
-#: Emulators ``run_emulators`` can start, by vendor name. Error messages list them in this order.
+#: Emulators ``run_emulators`` can start, by vendor name (each emulator's ``name``, as its
+#: ``/_emulator/state`` reports it). Error messages list them in this order.
 EMULATORS: dict[str, EmulatorFactory] = {
-    "tavus": _tavus_for_cli,
-    "liveavatar": _liveavatar_for_cli,
-    "simli": _simli_for_cli,
-    "did": _did_for_cli,
+    TavusEmulator.name: _tavus_for_cli,
+    LiveAvatarEmulator.name: _liveavatar_for_cli,
+    SimliEmulator.name: _simli_for_cli,
+    DIDEmulator.name: _did_for_cli,
 }
 
 

@@ -1,14 +1,19 @@
 """Shared plumbing for avatarkit's offline vendor emulators ("contract fakes").
 
-Every vendor emulator (Tavus today; HeyGen LiveAvatar, Simli and D-ID later) is a stateful
-aiohttp application served on a local port, in the spirit of moto's server mode. This module
+Every vendor emulator (Tavus, HeyGen LiveAvatar, Simli, D-ID) is a stateful aiohttp
+application served on a local port, in the spirit of moto's server mode. This module
 holds what they all share and nothing vendor-specific:
 
 * :class:`EmulatorServer` — the runner (127.0.0.1 and a free port by default), ``async with`` and
   an idempotent ``aclose()``; API-key check and fault injection around vendor routes; the request
   log; timers and channel tasks that ``aclose()`` cancels; the WebSockets it closes; and the
   ``/_emulator/*`` control API (no auth).
-* :class:`BillingLedger` — the per-session meter: created/ended monotonic times and end reason.
+* :class:`BillingLedger` — the per-session meter (:class:`BillingEntry`): created/ended
+  monotonic times and end reason.
+* :class:`SessionRecord` — what every vendor's session record shares (its billing entry, end
+  reason, timers and protocol errors); :class:`EmulatorServer` runs the shared part of a
+  session's lifecycle on it: the capacity check, starting the meter, timers that end the
+  session, ending it, and forgetting every session on reset.
 * :class:`EmulatorFaults` — injected failures (5xx, 429, slow answers, a dropped realtime channel,
   interrupts the vendor never acknowledges), consumed in order of arrival.
 * :class:`RequestRecord` — one logged request. The API key value is never stored, only whether
@@ -16,6 +21,12 @@ holds what they all share and nothing vendor-specific:
 * :class:`ChannelPeer` and :class:`Room` — server-side WebSockets with an ordered outbox, so
   events leave in the order the emulator's state machine produced them.
 * :class:`SpeechPlayback` — a real-time model of an avatar playing queued speech.
+
+Why one module: these are the parts of one server that every vendor emulator is built from,
+and they work together: :class:`EmulatorServer` owns the ledger, the faults, the timer set and
+the channel tasks, runs the session lifecycle on :class:`SessionRecord` values and tears all of
+it down in ``aclose()``, so a vendor module takes its plumbing from one place. Media (the PCM16
+checks, the talking face) is in ``_media``.
 """
 
 from __future__ import annotations
@@ -27,27 +38,28 @@ import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Literal, Self, get_args
+from typing import Any, ClassVar, Literal, Self, TypeVar, get_args
 
 from aiohttp import WSCloseCode, web
 from aiohttp.typedefs import Handler, Middleware
 
 __all__ = [
     "BadRequest",
+    "BillingEntry",
     "BillingLedger",
     "ChannelPeer",
     "EmulatorFaults",
     "EmulatorServer",
     "FastAPIValidationError",
     "FaultRoute",
-    "LedgerEntry",
     "Operation",
     "ProtocolError",
     "RequestFault",
     "RequestRecord",
     "Room",
+    "SessionRecord",
     "SpeechPlayback",
     "TimerSet",
     "json_message",
@@ -126,7 +138,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
 
 
 @dataclass
-class LedgerEntry:
+class BillingEntry:
     """The meter of one session, from creation (monotonic clock) until it ends."""
 
     session_id: str
@@ -149,10 +161,10 @@ class BillingLedger:
     """What the vendor would bill: one entry per session, metered from create to end."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, LedgerEntry] = {}
+        self._entries: dict[str, BillingEntry] = {}
 
-    def open(self, session_id: str) -> LedgerEntry:
-        entry = LedgerEntry(session_id=session_id, created_at=time.monotonic())
+    def open(self, session_id: str) -> BillingEntry:
+        entry = BillingEntry(session_id=session_id, created_at=time.monotonic())
         self._entries[session_id] = entry
         return entry
 
@@ -166,7 +178,7 @@ class BillingLedger:
         return True
 
     @property
-    def entries(self) -> Mapping[str, LedgerEntry]:
+    def entries(self) -> Mapping[str, BillingEntry]:
         return dict(self._entries)
 
     @property
@@ -179,6 +191,34 @@ class BillingLedger:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# Session records
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False, kw_only=True)
+class SessionRecord:
+    """What every emulator keeps of one session beside its vendor's own fields.
+
+    ``ledger_entry`` is the session's meter (None until it bills, or when it never does),
+    ``end_reason`` why it ended, ``timers`` the timers that end it (by name) and
+    ``protocol_errors`` what the emulator dropped of what the client sent. A vendor's record
+    adds its fields and status names; :class:`EmulatorServer` runs the shared lifecycle on it.
+    """
+
+    ledger_entry: BillingEntry | None = None
+    end_reason: str | None = None
+    protocol_errors: list[str] = field(default_factory=list)
+    timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict, repr=False)
+
+    @property
+    def billed_seconds(self) -> float:
+        return 0.0 if self.ledger_entry is None else self.ledger_entry.billed_seconds
+
+
+_Record = TypeVar("_Record", bound=SessionRecord)
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,6 +327,11 @@ class EmulatorFaults:
         if audio_seconds is not None:
             audio_seconds = _non_negative_seconds(audio_seconds, "after_audio_seconds")
         self.drop_channel_after_audio_seconds = audio_seconds
+
+    def channel_drop_due(self, audio_seconds: float) -> bool:
+        """Whether a channel that has received ``audio_seconds`` must be dropped now."""
+        threshold = self.drop_channel_after_audio_seconds
+        return threshold is not None and audio_seconds >= threshold
 
     def clear(self) -> None:
         self._request_faults.clear()
@@ -675,6 +720,12 @@ class EmulatorServer(ABC):
     ``_error_response``, ``_vendor_state`` and ``_reset_sessions``. Vendor routes registered with
     ``_add_api_route`` get the API-key check, then fault injection; everything is recorded in the
     request log except the control API.
+
+    Every vendor's sessions (:class:`SessionRecord` subclasses) go through the same lifecycle
+    here: ``check_capacity`` before a billed session is made, ``_bill`` to start its meter,
+    ``_playback`` for its speech, ``_end_after`` for the timers that end it, ``_stop_session``
+    when it ends (reason, meter, timers, playback) and ``_end_and_forget`` on a reset. The
+    vendor keeps its status names and what it sends and closes when a session ends.
     """
 
     #: Short vendor name, as used by ``avatarkit emulate``.
@@ -798,9 +849,14 @@ class EmulatorServer(ABC):
     def has_face(self, face_id: str) -> bool:
         return self.accept_any_face or face_id in self._faces
 
+    @property
+    def at_capacity(self) -> bool:
+        """Whether ``max_concurrent`` billed sessions are open (one more is refused)."""
+        return self.open_sessions >= self.max_concurrent
+
     def check_capacity(self, message: str) -> None:
         """Refuse one more billed session when ``max_concurrent`` are open."""
-        if self.open_sessions >= self.max_concurrent:
+        if self.at_capacity:
             raise BadRequest(message, status=self.concurrency_limit_status)
 
     def state(self) -> dict[str, Any]:
@@ -823,6 +879,55 @@ class EmulatorServer(ABC):
         self.faults.clear()
         self._requests.clear()
         self.ledger.clear()
+
+    # -- the session lifecycle every vendor shares ------------------------------------------
+
+    def _bill(self, record: SessionRecord, session_id: str) -> None:
+        """Start ``record``'s meter under ``session_id``: it bills and holds a concurrency slot
+        until :meth:`_stop_session`."""
+        record.ledger_entry = self.ledger.open(session_id)
+
+    def _playback(
+        self, *, on_started: Callable[[str], None], on_stopped: Callable[[str, float], None]
+    ) -> SpeechPlayback:
+        """A session's speech player, on the emulator's timers (``aclose()`` cancels them)."""
+        return SpeechPlayback(self._timers, on_started=on_started, on_stopped=on_stopped)
+
+    def _end_after(
+        self,
+        record: _Record,
+        key: str,
+        delay: float,
+        end: Callable[[_Record, str], None],
+        *,
+        reason: str | None = None,
+    ) -> None:
+        """(Re)arm ``record``'s timer ``key``: ``delay`` seconds from now it calls
+        ``end(record, reason)`` (the reason is the key unless given)."""
+        because = key if reason is None else reason
+        self._timers.rearm(record.timers, key, delay, lambda: end(record, because))
+
+    def _stop_session(
+        self, record: SessionRecord, reason: str, playback: SpeechPlayback | None = None
+    ) -> None:
+        """What ending a session means for every vendor: the reason is kept, the meter stops
+        with it, the session's timers are cancelled and its ``playback`` goes quiet. The
+        vendor sets its own status first and closes its channel after."""
+        record.end_reason = reason
+        if record.ledger_entry is not None:
+            self.ledger.close(record.ledger_entry.session_id, reason)
+        self._timers.disarm(record.timers)
+        if playback is not None:
+            playback.stop_silently()
+
+    @staticmethod
+    def _end_and_forget(
+        records: dict[str, _Record], end: Callable[[_Record, str], None], reason: str
+    ) -> None:
+        """End every session in ``records`` with ``reason`` (on a reset), then forget them."""
+        for record in list(records.values()):
+            end(record, reason)
+        records.clear()
 
     # -- helpers for vendor subclasses -----------------------------------------------------
 
@@ -900,7 +1005,8 @@ class EmulatorServer(ABC):
 
     @abstractmethod
     def _reset_sessions(self) -> None:
-        """End every session (sending the vendor's shutdown) and forget them."""
+        """End every session (sending the vendor's shutdown) and forget them
+        (``_end_and_forget``)."""
 
     # -- control API (no auth) -------------------------------------------------------------
 

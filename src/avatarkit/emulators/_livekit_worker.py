@@ -37,6 +37,7 @@ from ..transport.livekit import (
     RoomLink,
     RoomRpcError,
 )
+from ._media import PCM16_SAMPLE_WIDTH, pcm16_seconds
 
 __all__ = ["LiveKitAvatarWorker", "WorkerSegment"]
 
@@ -62,7 +63,7 @@ class WorkerSegment:
     def feed(self, data: bytes) -> None:
         self.received_bytes += len(data)
         self.chunk_sizes.append(len(data))
-        self.received_seconds += len(data) / 2 / self.sample_rate
+        self.received_seconds += pcm16_seconds(len(data), self.sample_rate)
         self.changed.set()
 
 
@@ -136,10 +137,10 @@ class LiveKitAvatarWorker:
                     continue  # cleared: the rest of the stream is dropped
                 segment.feed(chunk)
                 self._on_activity()
-                self._on_audio(len(chunk) / 2 / self.sample_rate)
+                self._on_audio(pcm16_seconds(len(chunk), self.sample_rate))
         except ConnectionError:
             segment.outcome = "abandoned" if segment.outcome == "queued" else segment.outcome
-        if segment.received_bytes % 2:
+        if segment.received_bytes % PCM16_SAMPLE_WIDTH:
             self.protocol_errors.append(f"stream {stream.name}: {segment.received_bytes} "
                                         "bytes is not whole PCM16 samples")
         segment.done = True

@@ -1,4 +1,11 @@
-"""Real media for the peer-to-peer emulators: a synthetic talking face served over WebRTC.
+"""Media for the emulators: the PCM16 checks every emulator makes on received audio, and for
+the peer-to-peer ones a synthetic talking face served over WebRTC.
+
+Every vendor takes PCM16 (16-bit little-endian) mono: :func:`pcm16_seconds` is how long a
+number of its bytes plays, :func:`base64_audio` decodes a JSON message's base64 audio,
+:func:`require_whole_samples` refuses an odd byte count and :func:`whole_samples` drops the
+odd byte of what a vendor still plays. Each raises or reports a
+:class:`~avatarkit.emulators._base.ProtocolError` in the emulator's own words (``what``).
 
 ``TalkingPattern`` is a cartoon face whose mouth opening follows the level of the audio the
 emulator received: each rendered frame "plays" ``1/fps`` seconds of the queued audio and opens
@@ -13,6 +20,8 @@ aiortc is imported only when a track is made (the ``webrtc`` extra).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import fractions
 import math
 import time
@@ -22,10 +31,24 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from ._base import ProtocolError
+
 if TYPE_CHECKING:
     from aiortc import MediaStreamTrack
 
-__all__ = ["TalkingPattern", "mouth_opening", "talking_pattern_track"]
+__all__ = [
+    "PCM16_SAMPLE_WIDTH",
+    "TalkingPattern",
+    "base64_audio",
+    "mouth_opening",
+    "pcm16_seconds",
+    "require_whole_samples",
+    "talking_pattern_track",
+    "whole_samples",
+]
+
+#: Bytes per sample of PCM16 mono audio.
+PCM16_SAMPLE_WIDTH = 2
 
 _SKIN = np.array([225, 185, 150], dtype=np.uint8)
 _BACKGROUND = np.array([40, 70, 110], dtype=np.uint8)
@@ -38,6 +61,44 @@ _MOUTH_MAX_HEIGHT = 0.22
 #: Loudness mapped to the opening: -50 dBFS and quieter is closed, -10 dBFS and louder open.
 _QUIET_DB, _LOUD_DB = -50.0, -10.0
 _VIDEO_CLOCK_RATE = 90_000
+
+
+# --------------------------------------------------------------------------------------------
+# PCM16 checks
+# --------------------------------------------------------------------------------------------
+
+
+def pcm16_seconds(byte_count: int, sample_rate: int) -> float:
+    """How long ``byte_count`` bytes of PCM16 mono at ``sample_rate`` play."""
+    return byte_count / PCM16_SAMPLE_WIDTH / sample_rate
+
+
+def base64_audio(audio: object, what: str) -> bytes:
+    """The bytes of base64 ``audio``; ``ProtocolError`` naming ``what`` if it is not that."""
+    if not isinstance(audio, str):
+        raise ProtocolError(f"{what} must be a base64 string")
+    try:
+        return base64.b64decode(audio, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError(f"{what} is not valid base64") from None
+
+
+def require_whole_samples(pcm: bytes, what: str) -> None:
+    """``ProtocolError`` naming ``what`` unless ``pcm`` is whole PCM16 samples."""
+    if len(pcm) % PCM16_SAMPLE_WIDTH:
+        raise ProtocolError(
+            f"{what} has an odd byte count ({len(pcm)}); PCM16 needs 2 bytes a sample"
+        )
+
+
+def whole_samples(pcm: bytes) -> bytes:
+    """``pcm`` without the odd last byte that is no PCM16 sample (as a renderer plays it)."""
+    return pcm[:-1] if len(pcm) % PCM16_SAMPLE_WIDTH else pcm
+
+
+# --------------------------------------------------------------------------------------------
+# The talking face
+# --------------------------------------------------------------------------------------------
 
 
 class TalkingPattern:
@@ -83,8 +144,7 @@ class TalkingPattern:
 
     def feed(self, pcm16: bytes) -> None:
         """Queue received audio (PCM16 LE mono at ``sample_rate``) for the next frames."""
-        if len(pcm16) % 2:
-            pcm16 = pcm16[:-1]
+        pcm16 = whole_samples(pcm16)
         if pcm16:
             samples = np.frombuffer(pcm16, dtype="<i2").astype(np.int16)
             self._queue.append(samples)

@@ -99,6 +99,11 @@ Behaviour this fake chooses where D-ID's contract is unverified (and how to chan
   ``auto`` and unset leave aiortc's order, VP8 first).
 * ``ice_servers`` defaults to none (a STUN server unreachable from a test machine would stall
   gathering); configure them to test that a client passes them on.
+
+Why one module: the streams API is ordered by the vendor (create with an SDP offer, answer,
+ICE, clips, delete) and its routes, the data channel and the clip queue act on one stream
+record; the LiveKit ``sessions/join`` mode is in ``did_livekit`` and the shared plumbing in
+``_base`` and ``_media``.
 """
 
 from __future__ import annotations
@@ -123,12 +128,12 @@ from aiohttp import BodyPartReader, web
 from ._base import (
     BadRequest,
     EmulatorServer,
-    LedgerEntry,
+    SessionRecord,
     SpeechPlayback,
     now_iso,
     read_json_object,
 )
-from ._media import TalkingPattern, talking_pattern_track
+from ._media import PCM16_SAMPLE_WIDTH, TalkingPattern, talking_pattern_track
 from .did_livekit import DIDRoomSessions
 
 if TYPE_CHECKING:
@@ -249,8 +254,11 @@ class DIDClip:
 
 
 @dataclass(eq=False)
-class DIDStream:
-    """One Agents stream: its options, lifecycle, media and what it received and sent."""
+class DIDStream(SessionRecord):
+    """One Agents stream: its options, lifecycle, media and what it received and sent.
+
+    Billed from its create; ``session_id`` is D-ID's cookie-like value, the ledger's key is
+    ``stream_id``."""
 
     stream_id: str
     session_id: str
@@ -259,13 +267,11 @@ class DIDStream:
     stream_warmup: bool
     compatibility_mode: str | None
     session_timeout: float
-    ledger_entry: LedgerEntry | None
     pc: RTCPeerConnection = field(repr=False)
     channel: RTCDataChannel = field(repr=False)
     pattern: TalkingPattern = field(repr=False)
     created_at: str = field(default_factory=now_iso)
     status: _StreamStatus = "created"
-    end_reason: str | None = None
     deleted: bool = False
     connection_state: str = "new"
     ever_connected: bool = False
@@ -278,7 +284,6 @@ class DIDStream:
     data_messages_received: list[str] = field(default_factory=list)
     interrupts: int = 0
     useless_interrupts: int = 0
-    protocol_errors: list[str] = field(default_factory=list)
     # What it sent, and media state.
     data_messages_sent: list[str] = field(default_factory=list)
     channel_dropped: bool = False
@@ -287,12 +292,7 @@ class DIDStream:
     pending: deque[DIDClip] = field(default_factory=deque, repr=False)
     outbox: list[str] = field(default_factory=list, repr=False)
     playback: SpeechPlayback = field(init=False, repr=False)
-    timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict, repr=False)
     media_closed: bool = field(default=False, repr=False)
-
-    @property
-    def billed_seconds(self) -> float:
-        return 0.0 if self.ledger_entry is None else self.ledger_entry.billed_seconds
 
     @property
     def connected(self) -> bool:
@@ -415,15 +415,16 @@ def _decode_wav(data: bytes) -> tuple[int, int, int, bytes]:
         raise DIDError(415, "UnsupportedMimeTypeError",
                        f"audio: not a WAV file the emulator can decode ({exc}); send 16-bit PCM "
                        "WAV") from None
-    if width != 2:
+    if width != PCM16_SAMPLE_WIDTH:
         raise DIDError(415, "UnsupportedMimeTypeError",
                        f"audio: {8 * width}-bit WAV; the emulator decodes 16-bit PCM WAV only")
     if channels < 1 or rate <= 0:
         raise DIDError(415, "UnsupportedMimeTypeError", "audio: WAV header is invalid")
-    frames = len(raw) // (2 * channels)
+    frame_bytes = PCM16_SAMPLE_WIDTH * channels
+    frames = len(raw) // frame_bytes
     if frames == 0:
         raise DIDError(400, "InvalidAudioDurationError", "audio: the file holds no audio")
-    samples = np.frombuffer(raw[: frames * 2 * channels], dtype="<i2").reshape(-1, channels)
+    samples = np.frombuffer(raw[: frames * frame_bytes], dtype="<i2").reshape(-1, channels)
     mono = samples.mean(axis=1) if channels > 1 else samples[:, 0].astype(np.float64)
     if rate != _RENDER_RATE:
         mono = np.asarray(soxr.resample(mono, rate, _RENDER_RATE), dtype=np.float64)
@@ -621,9 +622,7 @@ class DIDEmulator(EmulatorServer):
         }
 
     def _reset_sessions(self) -> None:
-        for stream in self._streams.values():
-            self._end(stream, "emulator_reset")
-        self._streams.clear()
+        self._end_and_forget(self._streams, self._end, "emulator_reset")
         self._rooms.reset()
         self._audios.clear()
         self._audio_by_url.clear()
@@ -716,13 +715,12 @@ class DIDEmulator(EmulatorServer):
             stream_warmup=options.stream_warmup,
             compatibility_mode=options.compatibility_mode,
             session_timeout=options.session_timeout,
-            ledger_entry=self.ledger.open(stream_id),
             pc=pc,
             channel=channel,
             pattern=pattern,
         )
-        stream.playback = SpeechPlayback(
-            self._timers,
+        self._bill(stream, stream_id)
+        stream.playback = self._playback(
             on_started=lambda clip_id: self._on_clip_started(stream, clip_id),
             on_stopped=lambda clip_id, played: self._on_clip_stopped(stream, clip_id, played),
         )
@@ -734,7 +732,7 @@ class DIDEmulator(EmulatorServer):
 
         channel.on("open", lambda: self._flush(stream))
         channel.on("message", lambda message: self._on_data(stream, message))
-        self._schedule(stream, "max_duration", self.max_duration)
+        self._end_after(stream, "max_duration", self.max_duration, self._end)
         self._touch(stream)
         return stream
 
@@ -990,9 +988,6 @@ class DIDEmulator(EmulatorServer):
 
     # -- timers, faults and ending -------------------------------------------------------------
 
-    def _schedule(self, stream: DIDStream, reason: str, delay: float) -> None:
-        self._timers.rearm(stream.timers, reason, delay, lambda: self._end(stream, reason))
-
     def _touch(self, stream: DIDStream) -> None:
         """Activity: the idle timer starts over (and does not run while a clip plays)."""
         if stream.status == "ended":
@@ -1000,7 +995,7 @@ class DIDEmulator(EmulatorServer):
         if stream.playing is not None:
             self._timers.disarm(stream.timers, "idle_timeout")
         else:
-            self._schedule(stream, "idle_timeout", stream.session_timeout)
+            self._end_after(stream, "idle_timeout", stream.session_timeout, self._end)
 
     def _drop(self, stream: DIDStream) -> None:
         """The drop fault: the peer connection dies mid-clip; the stream stays billed."""
@@ -1015,10 +1010,8 @@ class DIDEmulator(EmulatorServer):
         if stream.status == "ended":
             return
         stream.status = "ended"
-        stream.end_reason = reason
-        self.ledger.close(stream.stream_id, reason)
-        self._timers.disarm(stream.timers)
-        self._stop_playback(stream, "abandoned")
+        self._stop_session(stream, reason)
+        self._stop_playback(stream, "abandoned")  # silences the playback too
         self._close_media(stream)
 
     def _close_media(self, stream: DIDStream) -> None:

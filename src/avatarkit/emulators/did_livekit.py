@@ -51,7 +51,14 @@ from aiohttp import web
 
 from ..errors import ProviderError
 from ..transport.livekit import RoomLink, connect_room, http_url
-from ._base import BadRequest, LedgerEntry, ProtocolError, json_message, read_json_object
+from ._base import (
+    BadRequest,
+    BillingEntry,
+    ProtocolError,
+    SessionRecord,
+    json_message,
+    read_json_object,
+)
 from ._livekit_worker import LiveKitAvatarWorker
 
 if TYPE_CHECKING:
@@ -67,8 +74,9 @@ _RoomSessionStatus = Literal["joining", "active", "ended"]
 
 
 @dataclass(eq=False)
-class DIDRoomSession:
-    """One ``sessions/join`` session: D-ID's worker in the client's room."""
+class DIDRoomSession(SessionRecord):
+    """One ``sessions/join`` session: D-ID's worker in the client's room, billed from the join
+    request (so its ``ledger_entry`` is always there)."""
 
     session_id: str
     agent_id: str
@@ -76,22 +84,15 @@ class DIDRoomSession:
     server_url: str
     sample_rate: int
     token_claims: dict[str, Any]
-    ledger_entry: LedgerEntry
     session_timeout: float
+    ledger_entry: BillingEntry = field(kw_only=True)
     status: _RoomSessionStatus = "joining"
-    end_reason: str | None = None
     worker: LiveKitAvatarWorker | None = None
     join_error: str | None = None
     commands: list[tuple[str, str]] = field(default_factory=list)
-    protocol_errors: list[str] = field(default_factory=list)
-    timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
     audio_seconds: float = 0.0
     joined: asyncio.Event = field(default_factory=asyncio.Event)
     created_at: float = field(default_factory=time.monotonic)
-
-    @property
-    def billed_seconds(self) -> float:
-        return self.ledger_entry.billed_seconds
 
     @property
     def audio_seconds_received(self) -> float:
@@ -206,7 +207,7 @@ class DIDRoomSessions:
             ledger_entry=emulator.ledger.open(session_id),
             session_timeout=emulator.default_session_timeout)
         self._sessions[session_id] = session
-        self._schedule(session, "max_duration", emulator.max_duration)
+        emulator._end_after(session, "max_duration", emulator.max_duration, self.end)
         self._spawn(self._join(session, token))
         return web.json_response({"id": session_id, "status": "joining"}, status=201)
 
@@ -276,15 +277,11 @@ class DIDRoomSessions:
 
     def _on_audio(self, session: DIDRoomSession, seconds: float) -> None:
         session.audio_seconds += seconds
-        limit = self._emulator.faults.drop_channel_after_audio_seconds
-        if limit is not None and session.audio_seconds >= limit and session.status == "active":
+        if session.status == "active" and self._emulator.faults.channel_drop_due(
+                session.audio_seconds):
             self.end(session, "worker_crashed")
 
     # -- timers and ending -----------------------------------------------------------------
-
-    def _schedule(self, session: DIDRoomSession, reason: str, delay: float) -> None:
-        self._emulator._timers.rearm(session.timers, reason, delay,
-                                     lambda: self.end(session, reason))
 
     def _touch(self, session: DIDRoomSession) -> None:
         if session.status == "ended":
@@ -292,16 +289,15 @@ class DIDRoomSessions:
         if session.worker is not None and session.worker.speaking:
             self._emulator._timers.disarm(session.timers, "idle_timeout")
         else:
-            self._schedule(session, "idle_timeout", session.session_timeout)
+            self._emulator._end_after(session, "idle_timeout", session.session_timeout,
+                                      self.end)
 
     def end(self, session: DIDRoomSession, reason: str) -> None:
         """End a session as D-ID would: the meter stops and the worker leaves the room."""
         if session.status == "ended":
             return
         session.status = "ended"
-        session.end_reason = reason
-        self._emulator.ledger.close(session.session_id, reason)
-        self._emulator._timers.disarm(session.timers)
+        self._emulator._stop_session(session, reason)
         if session.worker is not None:
             self._spawn(session.worker.leave(reason))
 
@@ -311,9 +307,7 @@ class DIDRoomSessions:
         task.add_done_callback(self._tasks.discard)
 
     def reset(self) -> None:
-        for session in self._sessions.values():
-            self.end(session, "emulator_reset")
-        self._sessions.clear()
+        self._emulator._end_and_forget(self._sessions, self.end, "emulator_reset")
 
     async def drain(self) -> None:
         """Wait for joins and leaves in flight."""

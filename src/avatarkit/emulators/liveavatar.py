@@ -62,13 +62,15 @@ Behaviour this fake chooses where the contract is unverified (and how to change 
   (the sandbox stock avatar not included); the vendor's list shape and paging are unverified.
 * A BYO ``livekit_config`` (either field vocabulary) is recorded but does not change the URLs
   and tokens ``start`` returns.
+
+Why one module: the REST lifecycle (token, start, keep-alive, stop) and the LITE WebSocket
+drive one session record and one playback buffer, so splitting them would split one state
+machine; the shared plumbing and the PCM16 checks are in ``_base`` and ``_media``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import secrets
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -83,9 +85,9 @@ from ._base import (
     BadRequest,
     ChannelPeer,
     EmulatorServer,
-    LedgerEntry,
     ProtocolError,
     Room,
+    SessionRecord,
     SpeechPlayback,
     json_message,
     now_iso,
@@ -94,12 +96,13 @@ from ._base import (
 from ._base import (
     FastAPIValidationError as _ValidationError,
 )
+from ._media import base64_audio, pcm16_seconds, require_whole_samples
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "SANDBOX_AVATAR_ID",
     "LiveAvatarEmulator",
-    "LiveAvatarSession",
+    "LiveAvatarSessionRecord",
     "LiveAvatarUtterance",
     "SpeakChunk",
 ]
@@ -109,8 +112,6 @@ _SessionStatus = Literal["minted", "active", "ended"]
 _UtteranceOutcome = Literal["queued", "playing", "finished", "interrupted", "abandoned"]
 
 _SAMPLE_RATE = 24000
-#: Bytes per PCM16 mono sample.
-_SAMPLE_WIDTH = 2
 MAX_MESSAGE_BYTES = 1_000_000
 _IDLE_TIMEOUT = 300.0
 _DEFAULT_MAX_SESSION_DURATION = 3600
@@ -179,8 +180,10 @@ class LiveAvatarUtterance:
 
 
 @dataclass(eq=False)
-class LiveAvatarSession:
-    """One session: what was minted and started, and what its WebSocket received and sent."""
+class LiveAvatarSessionRecord(SessionRecord):
+    """One session: what was minted and started, and what its WebSocket received and sent.
+
+    Billed from ``start`` (``ledger_entry`` is None before, and for sandbox sessions)."""
 
     session_id: str
     session_token: str
@@ -191,9 +194,7 @@ class LiveAvatarSession:
     byo_livekit: dict[str, str | None] | None
     created_at: str = field(default_factory=now_iso)
     status: _SessionStatus = "minted"
-    end_reason: str | None = None
     stop_reason: str | None = None
-    ledger_entry: LedgerEntry | None = None
     # Issued by start; the client and agent tokens are deliberately different.
     livekit_url: str | None = None
     livekit_client_token: str | None = None
@@ -215,23 +216,17 @@ class LiveAvatarSession:
     keep_alives: int = 0
     rest_keep_alives: int = 0
     listening_events: list[str] = field(default_factory=list)
-    protocol_errors: list[str] = field(default_factory=list)
     # What it sent, and channel state.
     events_sent: list[dict[str, Any]] = field(default_factory=list)
     channel_dropped: bool = False
     room: Room = field(default_factory=Room, repr=False)
     connected_peers: set[ChannelPeer] = field(default_factory=set, repr=False)
     playback: SpeechPlayback = field(init=False, repr=False)
-    timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict, repr=False)
     gate_timers: dict[ChannelPeer, asyncio.TimerHandle] = field(default_factory=dict, repr=False)
     open_utterance: LiveAvatarUtterance | None = field(default=None, repr=False)
     playing: LiveAvatarUtterance | None = field(default=None, repr=False)
     pending: deque[LiveAvatarUtterance] = field(default_factory=deque, repr=False)
     event_owner: dict[str, LiveAvatarUtterance] = field(default_factory=dict, repr=False)
-
-    @property
-    def billed_seconds(self) -> float:
-        return 0.0 if self.ledger_entry is None else self.ledger_entry.billed_seconds
 
     @property
     def audio_seconds_received(self) -> float:
@@ -418,23 +413,14 @@ def _parse_speak(message: Mapping[str, Any], size: int) -> _Speak:
             f"agent.speak audio must be {_SAMPLE_RATE} Hz PCM16 mono, got sample_rate"
             f" {declared_rate!r} (the vendor plays it garbled without an error)"
         )
-    audio = message.get("audio")
-    if not isinstance(audio, str):
-        raise ProtocolError("agent.speak audio must be a base64 string")
-    try:
-        pcm = base64.b64decode(audio, validate=True)
-    except (binascii.Error, ValueError):
-        raise ProtocolError("agent.speak audio is not valid base64") from None
+    pcm = base64_audio(message.get("audio"), "agent.speak audio")
     if not pcm:
         raise ProtocolError("agent.speak audio is empty")
     if pcm[:4] == b"RIFF" and pcm[8:12] == b"WAVE":
         raise ProtocolError("agent.speak audio has a WAV header; send raw PCM16 (headers click)")
     if pcm[:3] == b"ID3":
         raise ProtocolError("agent.speak audio is MP3; send raw PCM16 (MP3 plays as silence)")
-    if len(pcm) % _SAMPLE_WIDTH:
-        raise ProtocolError(
-            f"agent.speak audio has an odd byte count ({len(pcm)}); PCM16 needs 2 bytes a sample"
-        )
+    require_whole_samples(pcm, "agent.speak audio")
     return _Speak(event_id=event_id, audio_bytes=len(pcm), message_bytes=size)
 
 
@@ -519,13 +505,13 @@ class LiveAvatarEmulator(EmulatorServer):
         self.success_code = success_code
         self.error_shape: _ErrorShape = error_shape
         self.livekit_url = livekit_url
-        self._sessions: dict[str, LiveAvatarSession] = {}
-        self._by_token: dict[str, LiveAvatarSession] = {}
+        self._sessions: dict[str, LiveAvatarSessionRecord] = {}
+        self._by_token: dict[str, LiveAvatarSessionRecord] = {}
 
     # -- Python control surface ------------------------------------------------------------
 
     @property
-    def sessions(self) -> Mapping[str, LiveAvatarSession]:
+    def sessions(self) -> Mapping[str, LiveAvatarSessionRecord]:
         """Every session minted since the last reset (ended ones included)."""
         return MappingProxyType(self._sessions)
 
@@ -574,9 +560,7 @@ class LiveAvatarEmulator(EmulatorServer):
         }
 
     def _reset_sessions(self) -> None:
-        for session in self._sessions.values():
-            self._end(session, "emulator_reset")
-        self._sessions.clear()
+        self._end_and_forget(self._sessions, self._end, "emulator_reset")
         self._by_token.clear()
 
     # -- REST --------------------------------------------------------------------------------
@@ -587,17 +571,17 @@ class LiveAvatarEmulator(EmulatorServer):
         body = {"code": self.success_code, "data": data, "message": message}
         return web.json_response(body, status=status)
 
-    def _session_for(self, request: web.Request) -> LiveAvatarSession | None:
+    def _session_for(self, request: web.Request) -> LiveAvatarSessionRecord | None:
         token = _bearer_token(request)
         return None if token is None else self._by_token.get(token)
 
-    def _authorized_session(self, request: web.Request) -> LiveAvatarSession:
+    def _authorized_session(self, request: web.Request) -> LiveAvatarSessionRecord:
         if (session := self._session_for(request)) is None:
             raise BadRequest("invalid or missing session token", status=401)
         return session
 
     async def _matching_body(
-        self, request: web.Request, session: LiveAvatarSession
+        self, request: web.Request, session: LiveAvatarSessionRecord
     ) -> dict[str, Any]:
         """The optional JSON body; a ``session_id`` in it must name the token's session."""
         try:
@@ -626,7 +610,7 @@ class LiveAvatarEmulator(EmulatorServer):
         duration = spec.max_session_duration or self.default_max_session_duration
         if spec.is_sandbox:
             duration = min(duration, self.sandbox_max_session_duration)
-        session = LiveAvatarSession(
+        session = LiveAvatarSessionRecord(
             session_id=secrets.token_hex(16),
             session_token=secrets.token_urlsafe(32),
             avatar_id=spec.avatar_id,
@@ -635,8 +619,7 @@ class LiveAvatarEmulator(EmulatorServer):
             video_quality=spec.video_quality,
             byo_livekit=spec.byo_livekit,
         )
-        session.playback = SpeechPlayback(
-            self._timers,
+        session.playback = self._playback(
             on_started=lambda _utterance_id: self._on_speech_started(session),
             on_stopped=lambda _utterance_id, played: self._on_speech_finished(session, played),
         )
@@ -661,13 +644,13 @@ class LiveAvatarEmulator(EmulatorServer):
             return self._error_response(exc.status, str(exc))
         session.status = "active"
         if not session.is_sandbox:
-            session.ledger_entry = self.ledger.open(session.session_id)
+            self._bill(session, session.session_id)
         session.livekit_url = self.livekit_url
         session.livekit_client_token = secrets.token_urlsafe(32)
         session.livekit_agent_token = secrets.token_urlsafe(32)
         ws_base = self.url.replace("http://", "ws://", 1)
         session.ws_url = f"{ws_base}/v1/lite/{session.session_id}?token={session.ws_token}"
-        self._schedule(session, "max_session_duration", session.max_session_duration)
+        self._end_after(session, "max_session_duration", session.max_session_duration, self._end)
         self._touch(session)
         data = {
             "session_id": session.session_id,
@@ -705,26 +688,19 @@ class LiveAvatarEmulator(EmulatorServer):
 
     # -- timers and ending -------------------------------------------------------------------
 
-    def _schedule(self, session: LiveAvatarSession, reason: str, delay: float) -> None:
-        """(Re)arm the timer that ends ``session`` with ``reason`` after ``delay`` seconds."""
-        self._timers.rearm(session.timers, reason, delay, lambda: self._end(session, reason))
-
-    def _touch(self, session: LiveAvatarSession) -> None:
+    def _touch(self, session: LiveAvatarSessionRecord) -> None:
         """Activity: the idle timeout starts over."""
         if session.status == "active":
-            self._schedule(session, "idle_timeout", self.idle_timeout)
+            self._end_after(session, "idle_timeout", self.idle_timeout, self._end)
 
-    def _end(self, session: LiveAvatarSession, reason: str) -> None:
+    def _end(self, session: LiveAvatarSessionRecord, reason: str) -> None:
         if session.status == "ended":
             return
         session.status = "ended"
-        session.end_reason = reason
-        self.ledger.close(session.session_id, reason)
-        self._timers.disarm(session.timers)
+        self._stop_session(session, reason, session.playback)
         for handle in session.gate_timers.values():
             self._timers.cancel(handle)
         session.gate_timers.clear()
-        session.playback.stop_silently()
         for utterance in (session.playing, *session.pending):
             if utterance is not None:
                 utterance.outcome = "abandoned"
@@ -754,7 +730,7 @@ class LiveAvatarEmulator(EmulatorServer):
                 self._on_disconnect(session, peer)
         return peer.ws
 
-    def _on_connect(self, session: LiveAvatarSession, peer: ChannelPeer) -> None:
+    def _on_connect(self, session: LiveAvatarSessionRecord, peer: ChannelPeer) -> None:
         session.room.add(peer)
         session.ws_connections += 1
         self._touch(session)
@@ -768,13 +744,13 @@ class LiveAvatarEmulator(EmulatorServer):
 
         session.gate_timers[peer] = self._timers.call_later(self.connected_delay, connected)
 
-    def _on_disconnect(self, session: LiveAvatarSession, peer: ChannelPeer) -> None:
+    def _on_disconnect(self, session: LiveAvatarSessionRecord, peer: ChannelPeer) -> None:
         """A closed WebSocket is not a stop: the session (and its meter) carries on."""
         session.room.remove(peer)
         session.connected_peers.discard(peer)
         self._timers.cancel(session.gate_timers.pop(peer, None))
 
-    def _on_message(self, session: LiveAvatarSession, peer: ChannelPeer, raw: str) -> None:
+    def _on_message(self, session: LiveAvatarSessionRecord, peer: ChannelPeer, raw: str) -> None:
         if session.status != "active":
             return  # in flight while the channel was closing
         session.messages_received += 1
@@ -805,8 +781,8 @@ class LiveAvatarEmulator(EmulatorServer):
         if self.idle_reset_by_any_message:
             self._touch(session)
 
-    def _on_speak(self, session: LiveAvatarSession, speak: _Speak) -> None:
-        seconds = speak.audio_bytes / _SAMPLE_WIDTH / _SAMPLE_RATE
+    def _on_speak(self, session: LiveAvatarSessionRecord, speak: _Speak) -> None:
+        seconds = pcm16_seconds(speak.audio_bytes, _SAMPLE_RATE)
         owner = session.event_owner.get(speak.event_id)
         if owner is not None and owner.done and owner.outcome in ("queued", "playing"):
             raise ProtocolError(f"agent.speak for event_id {speak.event_id!r} after its speak_end")
@@ -820,16 +796,15 @@ class LiveAvatarEmulator(EmulatorServer):
             session.ignored_chunks += 1  # late audio of an interrupted or finished utterance
         else:
             self._append_audio(session, speak.event_id, seconds)
-        threshold = self.faults.drop_channel_after_audio_seconds
-        if (
-            threshold is not None
-            and not session.channel_dropped
-            and session.audio_seconds_received >= threshold
+        if not session.channel_dropped and self.faults.channel_drop_due(
+            session.audio_seconds_received
         ):
             session.channel_dropped = True
             session.room.close_all(WSCloseCode.INTERNAL_ERROR, "channel dropped")
 
-    def _append_audio(self, session: LiveAvatarSession, event_id: str, seconds: float) -> None:
+    def _append_audio(
+        self, session: LiveAvatarSessionRecord, event_id: str, seconds: float
+    ) -> None:
         """Append to the playback buffer: the open utterance, or a new one queued behind."""
         utterance = session.open_utterance
         if utterance is None:
@@ -849,7 +824,7 @@ class LiveAvatarEmulator(EmulatorServer):
         if utterance is session.playing:
             session.playback.feed(utterance.utterance_id, seconds, done=False)
 
-    def _on_speak_end(self, session: LiveAvatarSession, event_id: str) -> None:
+    def _on_speak_end(self, session: LiveAvatarSessionRecord, event_id: str) -> None:
         session.speak_ends.append(event_id)
         utterance = session.open_utterance
         if utterance is None:
@@ -861,7 +836,7 @@ class LiveAvatarEmulator(EmulatorServer):
         if utterance is session.playing:
             session.playback.feed(utterance.utterance_id, 0.0, done=True)
 
-    def _on_interrupt(self, session: LiveAvatarSession) -> None:
+    def _on_interrupt(self, session: LiveAvatarSessionRecord) -> None:
         session.interrupts += 1
         stopped = session.playback.interrupt()
         playing = session.playing
@@ -879,11 +854,11 @@ class LiveAvatarEmulator(EmulatorServer):
         for event_type in self.interrupt_events:
             self._emit(session, _speak_event(event_type, playing))
 
-    def _on_speech_started(self, session: LiveAvatarSession) -> None:
+    def _on_speech_started(self, session: LiveAvatarSessionRecord) -> None:
         if session.playing is not None:
             self._emit(session, _speak_event("agent.speak_started", session.playing))
 
-    def _on_speech_finished(self, session: LiveAvatarSession, played: float) -> None:
+    def _on_speech_finished(self, session: LiveAvatarSessionRecord, played: float) -> None:
         finished = session.playing
         if finished is None:
             return
@@ -897,11 +872,13 @@ class LiveAvatarEmulator(EmulatorServer):
             session.playing = upcoming
             session.playback.feed(upcoming.utterance_id, upcoming.seconds, done=upcoming.done)
 
-    def _send(self, session: LiveAvatarSession, peer: ChannelPeer, event: dict[str, Any]) -> None:
+    def _send(
+        self, session: LiveAvatarSessionRecord, peer: ChannelPeer, event: dict[str, Any]
+    ) -> None:
         session.events_sent.append(event)
         peer.send_json(event)
 
-    def _emit(self, session: LiveAvatarSession, event: dict[str, Any]) -> None:
+    def _emit(self, session: LiveAvatarSessionRecord, event: dict[str, Any]) -> None:
         session.events_sent.append(event)
         session.room.broadcast(event)
 

@@ -84,6 +84,11 @@ Behaviour this fake chooses where the contract is unverified (and how to change 
   stops) and closes the socket with 1000, without the ``ENDFRAME`` sequence.
 * Sessions are keyed by ``session_id``: the first 32 hex digits of SHA-256 of the session
   token (the vendor returns no session id; the token itself is a secret).
+
+Why one module: the token route and the WebSocket (P2P or LiveKit) are the lifecycle of one
+session record (minted, connecting, active, ended), and the commands, timers and end sequence on
+the socket all move that one state machine; the shared plumbing, the PCM16 checks and the
+talking face are in ``_base`` and ``_media``.
 """
 
 from __future__ import annotations
@@ -102,8 +107,8 @@ from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 from ._base import (
     ChannelPeer,
     EmulatorServer,
-    LedgerEntry,
     ProtocolError,
+    SessionRecord,
     SpeechPlayback,
     now_iso,
     read_json_object,
@@ -111,7 +116,7 @@ from ._base import (
 from ._base import (
     FastAPIValidationError as _ValidationError,
 )
-from ._media import TalkingPattern, talking_pattern_track
+from ._media import TalkingPattern, pcm16_seconds, talking_pattern_track, whole_samples
 
 if TYPE_CHECKING:
     from aiortc import RTCPeerConnection
@@ -137,7 +142,6 @@ BillingStart = Literal["start", "token"]
 ClosingPrefix = Literal["CLOSING REASON", "STOP REASON"]
 
 _SAMPLE_RATE = 16_000
-_SAMPLE_WIDTH = 2
 FRAME_BYTES = 6000
 _DEFAULT_MAX_SESSION_LENGTH = 3600
 _DEFAULT_MAX_IDLE_TIME = 300
@@ -168,10 +172,11 @@ def session_id_for_token(session_token: str) -> str:
 
 
 @dataclass(eq=False)
-class SimliSessionRecord:
+class SimliSessionRecord(SessionRecord):
     """One session: its token request, its lifecycle, and what its WebSocket received and sent.
 
-    The session token, SDPs and LiveKit token are kept out of :meth:`describe` (and reprs).
+    Billed from ``START`` (or from the token, with ``billing_starts="token"``). The session
+    token, SDPs and LiveKit token are kept out of :meth:`describe` (and reprs).
     """
 
     session_id: str
@@ -188,8 +193,6 @@ class SimliSessionRecord:
     extras: dict[str, Any]
     created_at: str = field(default_factory=now_iso)
     status: _SessionStatus = "minted"
-    end_reason: str | None = None
-    ledger_entry: LedgerEntry | None = None
     # The WebSocket: which route, and what it received.
     transport: _Transport | None = None
     path: str | None = None
@@ -205,7 +208,6 @@ class SimliSessionRecord:
     camera_commands: int = 0
     asset_commands: list[str] = field(default_factory=list)
     pings: int = 0
-    protocol_errors: list[str] = field(default_factory=list)
     # What it sent (text lines and JSON, in order), and channel state.
     lines_sent: list[str] = field(default_factory=list)
     speak_events: int = 0
@@ -219,12 +221,7 @@ class SimliSessionRecord:
     pc: RTCPeerConnection | None = field(default=None, repr=False)
     pattern: TalkingPattern | None = field(default=None, repr=False)
     playback: SpeechPlayback = field(init=False, repr=False)
-    timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict, repr=False)
     burst: int = field(default=0, repr=False)
-
-    @property
-    def billed_seconds(self) -> float:
-        return 0.0 if self.ledger_entry is None else self.ledger_entry.billed_seconds
 
     @property
     def audio_frames(self) -> int:
@@ -618,9 +615,7 @@ class SimliEmulator(EmulatorServer):
         }
 
     def _reset_sessions(self) -> None:
-        for session in self._sessions.values():
-            self._end(session, "RESET")
-        self._sessions.clear()
+        self._end_and_forget(self._sessions, self._end, "RESET")
         self._by_token.clear()
 
     # -- REST --------------------------------------------------------------------------------
@@ -641,7 +636,7 @@ class SimliEmulator(EmulatorServer):
             return web.json_response(
                 {"session_token": "FAIL TOKEN", "detail": f"Invalid faceId: {spec.face_id}"},
                 status=400)
-        if self.billing_starts == "token" and self.open_sessions >= self.max_concurrent:
+        if self.billing_starts == "token" and self.at_capacity:
             return self._error_response(self.concurrency_limit_status,
                                         "concurrent session limit reached")
         token = secrets.token_urlsafe(32)
@@ -652,14 +647,13 @@ class SimliEmulator(EmulatorServer):
             handle_silence=spec.handle_silence, api_version=spec.api_version,
             start_frame=spec.start_frame, session_aggregator=spec.session_aggregator,
             model=spec.model, extras=spec.extras)
-        session.playback = SpeechPlayback(
-            self._timers,
+        session.playback = self._playback(
             on_started=lambda _burst: self._on_speech_started(session),
             on_stopped=lambda _burst, _played: self._on_speech_stopped(session))
         self._sessions[session.session_id] = session
         self._by_token[token] = session
         if self.billing_starts == "token":
-            session.ledger_entry = self.ledger.open(session.session_id)
+            self._bill(session, session.session_id)
         self._timers.rearm(session.timers, "token_ttl", self.token_ttl,
                            lambda: self._expire(session))
         body: dict[str, Any] = {"session_token": token}
@@ -684,8 +678,8 @@ class SimliEmulator(EmulatorServer):
     def _expire(self, session: SimliSessionRecord) -> None:
         if session.status == "minted":
             session.status = "expired"
+            self._stop_session(session, "token_expired")  # the meter keeps the short reason
             session.end_reason = "token expired unused"
-            self.ledger.close(session.session_id, "token_expired")
 
     # -- the WebSocket -------------------------------------------------------------------------
 
@@ -821,9 +815,7 @@ class SimliEmulator(EmulatorServer):
         if session.status != "connecting":
             return False
         refusal = self.start_line
-        if refusal is None and self.billing_starts == "start" and (
-            self.open_sessions >= self.max_concurrent
-        ):
+        if refusal is None and self.billing_starts == "start" and self.at_capacity:
             refusal = RATE_LINE
         if refusal is not None:
             self._send(session, refusal)
@@ -831,9 +823,8 @@ class SimliEmulator(EmulatorServer):
             return False
         session.status = "active"
         if session.ledger_entry is None:
-            session.ledger_entry = self.ledger.open(session.session_id)
-        self._timers.rearm(session.timers, "max", session.max_session_length,
-                           lambda: self._end(session, "MAX"))
+            self._bill(session, session.session_id)
+        self._end_after(session, "max", session.max_session_length, self._end, reason="MAX")
         self._arm_idle(session)
         self._send(session, "START")
         return True
@@ -888,12 +879,12 @@ class SimliEmulator(EmulatorServer):
         if size > self.max_frame_bytes:
             session.protocol_errors.append(
                 f"audio frame of {size} bytes; frames are at most {self.max_frame_bytes} bytes")
-        if size % _SAMPLE_WIDTH:
+        data = whole_samples(data)
+        if len(data) != size:
             session.protocol_errors.append(
                 f"audio frame of {size} bytes: an odd byte count is not PCM16 (last byte "
                 "dropped)")
-            data = data[:-1]
-        seconds = len(data) / _SAMPLE_WIDTH / _SAMPLE_RATE
+        seconds = pcm16_seconds(len(data), _SAMPLE_RATE)
         session.audio_seconds_received += seconds
         if session.pattern is not None:
             session.pattern.feed(data)
@@ -902,9 +893,8 @@ class SimliEmulator(EmulatorServer):
                 session.burst += 1
             self._timers.disarm(session.timers, "idle")
             session.playback.feed(f"burst-{session.burst}", seconds, done=True)
-        threshold = self.faults.drop_channel_after_audio_seconds
-        if (threshold is not None and not session.channel_dropped
-                and session.audio_seconds_received >= threshold):
+        if not session.channel_dropped and self.faults.channel_drop_due(
+                session.audio_seconds_received):
             self._drop(session)
 
     def _drop_queue(self, session: SimliSessionRecord) -> bool:
@@ -945,8 +935,7 @@ class SimliEmulator(EmulatorServer):
 
     def _arm_idle(self, session: SimliSessionRecord) -> None:
         if session.status == "active":
-            self._timers.rearm(session.timers, "idle", session.max_idle_time,
-                               lambda: self._end(session, "IDLE"))
+            self._end_after(session, "idle", session.max_idle_time, self._end, reason="IDLE")
 
     def _drop(self, session: SimliSessionRecord) -> None:
         """The ``drop_channel`` fault: the socket dies under the session."""
@@ -987,10 +976,7 @@ class SimliEmulator(EmulatorServer):
     def _close_session(self, session: SimliSessionRecord, status: _SessionStatus, reason: str,
                        *, code: int = WSCloseCode.OK) -> None:
         session.status = status
-        session.end_reason = reason
-        self.ledger.close(session.session_id, reason)
-        self._timers.disarm(session.timers)
-        session.playback.stop_silently()
+        self._stop_session(session, reason, session.playback)
         if session.pattern is not None:
             session.pattern.clear()
         if session.peer is not None:

@@ -23,13 +23,14 @@ Behaviour this fake chooses where Tavus' contract is unverified (and how to chan
 * A channel dropped by the ``drop_channel`` fault does not count as the participant leaving.
 * Audio arriving for an utterance that already finished or was interrupted is recorded but not
   played.
+
+Why one module: it is one vendor contract. The REST routes and the room's Interactions
+Protocol act on one conversation record and its state machine (create, timers, echo playback,
+end); the shared plumbing and the PCM16 checks are in ``_base`` and ``_media``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -43,14 +44,15 @@ from ._base import (
     BadRequest,
     ChannelPeer,
     EmulatorServer,
-    LedgerEntry,
     ProtocolError,
     Room,
+    SessionRecord,
     SpeechPlayback,
     json_message,
     now_iso,
     read_json_object,
 )
+from ._media import base64_audio, pcm16_seconds, require_whole_samples
 
 __all__ = [
     "SUPPORTED_SAMPLE_RATES",
@@ -121,8 +123,10 @@ class TavusPal:
 
 
 @dataclass(eq=False)
-class TavusConversation:
-    """One conversation: what was created, its lifecycle, and what its room received and sent."""
+class TavusConversation(SessionRecord):
+    """One conversation: what was created, its lifecycle, and what its room received and sent.
+
+    Billed from creation (``ledger_entry`` is None in ``test_mode``)."""
 
     conversation_id: str
     conversation_name: str | None
@@ -137,10 +141,8 @@ class TavusConversation:
     test_mode: bool
     properties: dict[str, Any]
     meeting_token: str | None
-    ledger_entry: LedgerEntry | None
     created_at: str = field(default_factory=now_iso)
     status: _ConversationStatus = "active"
-    end_reason: str | None = None
     deleted: bool = False
     # What the room received (so tests can assert what the SDK sent).
     echo_messages: int = 0
@@ -149,18 +151,12 @@ class TavusConversation:
     text_echoes: list[str] = field(default_factory=list)
     interrupts: int = 0
     control_messages: list[dict[str, Any]] = field(default_factory=list)
-    protocol_errors: list[str] = field(default_factory=list)
     # What the room sent, and channel state.
     events_sent: list[dict[str, Any]] = field(default_factory=list)
     channel_dropped: bool = False
     ever_joined: bool = False
     room: Room = field(default_factory=Room, repr=False)
     playback: SpeechPlayback = field(init=False, repr=False)
-    timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict, repr=False)
-
-    @property
-    def billed_seconds(self) -> float:
-        return 0.0 if self.ledger_entry is None else self.ledger_entry.billed_seconds
 
     @property
     def audio_seconds_received(self) -> float:
@@ -367,20 +363,11 @@ def _parse_audio_echo(properties: Mapping[str, Any]) -> _AudioEcho:
             f"properties.sample_rate must be one of {sorted(SUPPORTED_SAMPLE_RATES)},"
             f" got {sample_rate!r}"
         )
-    audio = properties.get("audio")
-    if not isinstance(audio, str):
-        raise ProtocolError("properties.audio must be a base64 string")
-    try:
-        pcm = base64.b64decode(audio, validate=True)
-    except (binascii.Error, ValueError):
-        raise ProtocolError("properties.audio is not valid base64") from None
-    if len(pcm) % 2:
-        raise ProtocolError(
-            f"properties.audio has an odd byte count ({len(pcm)}); PCM16 needs 2 bytes a sample"
-        )
+    pcm = base64_audio(properties.get("audio"), "properties.audio")
+    require_whole_samples(pcm, "properties.audio")
     return _AudioEcho(
         inference_id=inference_id,
-        seconds=len(pcm) / 2 / sample_rate,
+        seconds=pcm16_seconds(len(pcm), sample_rate),
         done=_parse_done(properties.get("done", False)),
     )
 
@@ -544,9 +531,7 @@ class TavusEmulator(EmulatorServer):
         }
 
     def _reset_sessions(self) -> None:
-        for conversation in self._conversations.values():
-            self._end(conversation, "emulator_reset")
-        self._conversations.clear()
+        self._end_and_forget(self._conversations, self._end, "emulator_reset")
         self._idempotent_creates.clear()
 
     # -- conversations -----------------------------------------------------------------------
@@ -596,10 +581,8 @@ class TavusEmulator(EmulatorServer):
             test_mode=spec.test_mode,
             properties=spec.properties,
             meeting_token=secrets.token_urlsafe(24) if spec.require_auth else None,
-            ledger_entry=None if spec.test_mode else self.ledger.open(conversation_id),
         )
-        conversation.playback = SpeechPlayback(
-            self._timers,
+        conversation.playback = self._playback(
             on_started=lambda inference_id: self._emit(
                 conversation, "conversation.replica.started_speaking", inference_id=inference_id
             ),
@@ -608,16 +591,13 @@ class TavusEmulator(EmulatorServer):
             ),
         )
         self._conversations[conversation_id] = conversation
-        if spec.test_mode:
+        if spec.test_mode:  # nothing is billed; the conversation is over at once
             conversation.status = "ended"
             conversation.end_reason = "test_mode"
             return conversation
-        self._schedule(conversation, "max_call_duration", spec.properties["max_call_duration"])
-        self._schedule(
-            conversation,
-            "participant_absent_timeout",
-            spec.properties["participant_absent_timeout"],
-        )
+        self._bill(conversation, conversation_id)
+        for timeout in ("max_call_duration", "participant_absent_timeout"):
+            self._end_after(conversation, timeout, spec.properties[timeout], self._end)
         return conversation
 
     def _find(self, request: web.Request) -> TavusConversation:
@@ -661,19 +641,11 @@ class TavusEmulator(EmulatorServer):
         conversation.deleted = True
         return web.Response(status=204)
 
-    def _schedule(self, conversation: TavusConversation, reason: str, delay: float) -> None:
-        """(Re)arm the timer that ends ``conversation`` with ``reason`` after ``delay`` s."""
-        self._timers.rearm(conversation.timers, reason, delay,
-                           lambda: self._end(conversation, reason))
-
     def _end(self, conversation: TavusConversation, reason: str) -> None:
         if conversation.status == "ended":
             return
         conversation.status = "ended"
-        conversation.end_reason = reason
-        self.ledger.close(conversation.conversation_id, reason)
-        self._timers.disarm(conversation.timers)
-        conversation.playback.stop_silently()
+        self._stop_session(conversation, reason, conversation.playback)
         self._emit(conversation, "system.shutdown", properties={"reason": reason})
         conversation.room.close_all(WSCloseCode.OK, "conversation ended")
 
@@ -759,11 +731,8 @@ class TavusEmulator(EmulatorServer):
             and not peer.closed_by_emulator
             and len(conversation.room) == 0
         ):
-            self._schedule(
-                conversation,
-                "participant_left_timeout",
-                conversation.properties["participant_left_timeout"],
-            )
+            timeout = "participant_left_timeout"
+            self._end_after(conversation, timeout, conversation.properties[timeout], self._end)
 
     def _on_app_message(self, conversation: TavusConversation, raw: str) -> None:
         if conversation.status != "active":
@@ -796,11 +765,8 @@ class TavusEmulator(EmulatorServer):
         if echo.done:
             conversation.done_inferences.append(echo.inference_id)
         conversation.playback.feed(echo.inference_id, echo.seconds, done=echo.done)
-        threshold = self.faults.drop_channel_after_audio_seconds
-        if (
-            threshold is not None
-            and not conversation.channel_dropped
-            and conversation.audio_seconds_received >= threshold
+        if not conversation.channel_dropped and self.faults.channel_drop_due(
+            conversation.audio_seconds_received
         ):
             conversation.channel_dropped = True
             conversation.room.close_all(WSCloseCode.INTERNAL_ERROR, "channel dropped")
